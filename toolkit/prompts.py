@@ -1,0 +1,161 @@
+"""Prompt sources shared by training data, tree calibration and verification, and how prompts become token ids.
+
+Training and measurement must see prompts rendered the same way (chat template or not), otherwise acceptance measured
+at verify time says little about the trained heads. Held-out prompts never overlap training prompts: the offline
+chitchat set is split deterministically (`split="train"` / `"heldout"`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+# A small fixed set for smoke tests and `--prompts builtin`.
+BUILTIN_PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "Give me three tips for sleeping better.",
+    "How do I boil an egg?",
+    "What is the difference between weather and climate?",
+    "Summarise the plot of Romeo and Juliet.",
+    "Why is the sky blue?",
+]
+HELDOUT_FRACTION = 0.1
+
+
+class PromptError(ValueError):
+    """Prompts could not be loaded; the message names the source and the fix."""
+
+
+def chitchat_prompts(split: str = "train") -> list[str]:
+    """Opening turns of the `chitchat-dataset` conversations; the last 10% (by conversation id) are held out."""
+    if split not in ("train", "heldout", "all"):
+        raise PromptError(f"chitchat split {split!r} is unknown; use 'train', 'heldout' or 'all'")
+    spec = importlib.util.find_spec("chitchat_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise PromptError("the chitchat prompts need the 'chitchat-dataset' package: pip install chitchat-dataset")
+    data = json.loads((Path(next(iter(spec.submodule_search_locations))) / "dataset.json").read_text())
+    prompts = []
+    for key in sorted(data):
+        messages = data[key].get("messages") or []
+        if messages and messages[0]:
+            text = " ".join(m["text"].strip() for m in messages[0] if m.get("text", "").strip())
+            if text:
+                prompts.append(text)
+    cut = int(len(prompts) * (1 - HELDOUT_FRACTION))
+    return {"train": prompts[:cut], "heldout": prompts[cut:], "all": prompts}[split]
+
+
+def file_prompts(path: str | Path, field: str = "prompt") -> list[str]:
+    """Prompts from jsonl / json / parquet / csv (column `field`) or a .txt file (one prompt per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"prompts file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise PromptError(f"{path}:{n}: not valid JSON ({e})") from None
+    elif suffix == ".json":
+        rows = json.loads(path.read_text())
+        if isinstance(rows, dict):
+            rows = next((v for v in rows.values() if isinstance(v, list)), None)
+        if not isinstance(rows, list):
+            raise PromptError(f"{path}: expected a JSON list of records with a '{field}' field")
+    elif suffix in (".parquet", ".csv"):
+        import datasets
+
+        rows = datasets.load_dataset(suffix[1:], data_files=str(path), split="train").to_list()
+    else:
+        raise PromptError(
+            f"{path}: unsupported prompts file type {suffix!r}; use .jsonl, .json, .parquet, .csv or .txt"
+        )
+    return _field(rows, field, str(path))
+
+
+def hf_prompts(name: str, field: str = "prompt", split: str = "train") -> list[str]:
+    """Prompts from a Hugging Face `datasets` name (needs network or a local datasets cache)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # datasets raises many types for "not found / offline"
+        raise PromptError(
+            f"could not load dataset {name!r} (split {split!r}): {e}. Offline, use a local file or chitchat"
+        ) from None
+    return _field(ds.to_list(), field, name)
+
+
+def _field(rows: list, field: str, source: str) -> list[str]:
+    if rows and not isinstance(rows[0], dict):
+        raise PromptError(f"{source}: records must be objects with a '{field}' field")
+    if rows and field not in rows[0]:
+        raise PromptError(
+            f"{source}: no field '{field}' in the records (fields: {', '.join(rows[0])}); set the prompt field option"
+        )
+    missing = sum(1 for r in rows if not isinstance(r.get(field), str))
+    if missing:
+        raise PromptError(f"{source}: {missing} record(s) have no text in field '{field}'")
+    return [r[field] for r in rows]
+
+
+def load_prompts(
+    source: str, path: str | None = None, field: str = "prompt", split: str = "train", num: int | None = None
+) -> list[str]:
+    """Prompts from `chitchat`, `builtin`, `none` (one empty prompt per sample), `file` or `hf` (with `path`).
+
+    A `source` that is a file path is read as a file. Raises PromptError on a missing source or an empty result.
+    """
+    if source == "chitchat":
+        prompts = chitchat_prompts("train" if split == "train" else "heldout")
+    elif source == "builtin":
+        prompts = list(BUILTIN_PROMPTS)
+    elif source == "none":
+        prompts = [""] * (num or 1)
+    elif source == "hf":
+        if not path:
+            raise PromptError("prompt source 'hf' needs a dataset name (data.path)")
+        prompts = hf_prompts(path, field, split)
+    elif source == "file" or Path(source).suffix:
+        target = path if source == "file" else source
+        if not target:
+            raise PromptError("prompt source 'file' needs a path (data.path)")
+        prompts = file_prompts(target, field)
+    else:
+        raise PromptError(f"prompt source {source!r} is unknown; use chitchat, builtin, none, file (with a path) or hf")
+    if num is not None:
+        prompts = prompts[:num]
+    if not prompts:
+        raise PromptError(f"no prompts found in {path or source}")
+    return prompts
+
+
+def render_prompt(
+    tokenizer, prompt: str, use_chat_template: bool = True, system_prompt: str | None = None
+) -> list[int]:
+    """Token ids for a prompt: the tokenizer's chat template (generation prompt added) when it has one, else plain text.
+
+    An empty prompt with no template gives just BOS (unconditional sampling).
+    """
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return list(ids)
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+    if not ids or (tokenizer.bos_token_id is not None and ids[0] != tokenizer.bos_token_id and not prompt):
+        if tokenizer.bos_token_id is None:
+            raise PromptError("an empty prompt needs a BOS token, and this tokenizer has none")
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
