@@ -1,0 +1,188 @@
+"""The "medusa_tree_decoding" attention implementation inside real transformers models (CPU, tiny random weights)."""
+
+import os
+
+import pytest
+import torch
+from transformers import (
+    AttentionInterface,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.masking_utils import AttentionMaskInterface
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated (tests/conftest.py does it too)
+
+from medusa_toolkit.kernels import ATTN_NAME, get_backend, hf_attention, register_attention, set_backend  # noqa: E402
+from medusa_toolkit.kernels.flash_decode import HAS_TRITON, INTERPRET  # noqa: E402
+
+TRITON_OK = HAS_TRITON and (torch.cuda.is_available() or INTERPRET)
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="no triton"))]
+FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+
+
+def tiny_model(family: str, **overrides) -> torch.nn.Module:
+    """2 layers, 4 query heads / 2 kv heads of dim 64 (a head dim the Triton kernel supports), float32, seeded."""
+    config_cls, model_cls = {**FAMILIES, "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    kwargs = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return model_cls(config_cls(**kwargs)).eval()
+
+
+@pytest.fixture
+def backend(request):
+    set_backend(request.param)
+    yield request.param
+    set_backend(None)
+
+
+@pytest.fixture
+def count_kernel_calls(monkeypatch):
+    """Counts flash_decode calls made by the attention function (to prove the kernel path really ran)."""
+    calls = []
+    original = hf_attention.flash_decode
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hf_attention, "flash_decode", spy)
+    return calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_generate_matches_sdpa(family, backend, count_kernel_calls):
+    model = tiny_model(family)
+    batch = 1 if backend == "triton" and INTERPRET else 2  # the interpreter runs one program at a time: keep it short
+    ids = torch.randint(2, 128, (batch, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20)
+        model.set_attn_implementation(ATTN_NAME)
+        got = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20)
+    assert torch.equal(got, expected)
+    assert len(count_kernel_calls) == 2 * 20 and set(count_kernel_calls) == {backend}  # prefill + 19 steps, 2 layers
+
+
+def random_tree(T: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random valid tree mask [T, T] (node i sees itself and its ancestors) and each node's depth."""
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    depth = torch.zeros(T, dtype=torch.long)
+    for i in range(1, T):
+        parent = int(torch.randint(0, i, (1,), generator=gen))
+        mask[i], depth[i] = mask[parent], depth[parent] + 1
+    mask |= torch.eye(T, dtype=torch.bool)
+    return mask, depth
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tree_forward_matches_sdpa_with_dense_mask(family, backend, count_kernel_calls):
+    B, P, T = 2, 11, 7
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(2)
+    prefix = torch.randint(2, 128, (B, P), generator=gen)
+    tree_tokens = torch.randint(2, 128, (B, T), generator=gen)
+    trees = [random_tree(T, gen) for _ in range(B)]
+    tree_mask = torch.stack([m for m, _ in trees])  # [B, T, T]: a different tree per row
+    position_ids = P + torch.stack([d for _, d in trees])
+
+    # What the sdpa model needs instead: a dense additive [B, 1, T, P + T] mask.
+    allowed = torch.cat([torch.ones(B, T, P, dtype=torch.bool), tree_mask], dim=-1)[:, None]
+    dense = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+    with torch.no_grad():
+        cache = model(prefix, use_cache=True).cache
+        expected = model(tree_tokens, cache=cache, attention_mask=dense, position_ids=position_ids).logits
+        model.set_attn_implementation(ATTN_NAME)
+        cache = model(prefix, use_cache=True).cache
+        count_kernel_calls.clear()
+        got = model(
+            tree_tokens,
+            cache=cache,
+            position_ids=position_ids,
+            medusa_tree_mask=tree_mask,
+            medusa_kv_lens=torch.full((B,), P + T),
+        ).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert count_kernel_calls == [backend] * 2
+
+
+def test_padded_batch_falls_back_to_sdpa(count_kernel_calls):
+    model = tiny_model("llama")
+    ids = torch.randint(2, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # left padding
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
+        model.set_attn_implementation(ATTN_NAME)
+        got = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
+    assert torch.equal(got, expected)
+    assert count_kernel_calls == []  # a padded mask is not expressible without medusa_kv_lens: SDPA handled it
+
+
+def test_sliding_window_and_tree_kwargs_use_dense_path(count_kernel_calls):
+    # Mistral passes sliding_window on every call; once the cache is longer than the window the kernel cannot apply
+    # it, so the attention function merges the tree with transformers' window mask and runs SDPA.
+    model = tiny_model("mistral", sliding_window=6)
+    ids = torch.randint(2, 128, (1, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model.generate(ids, do_sample=False, max_new_tokens=10)
+        model.set_attn_implementation(ATTN_NAME)
+        got = model.generate(ids, do_sample=False, max_new_tokens=10)
+    assert torch.equal(got, expected)
+    assert 0 < len(count_kernel_calls) < 2 * 10  # the kernel ran while the cache fit in the window, SDPA after
+
+    # Tree verification past the window: causal tree == plain causal attention, so results must agree with sdpa.
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        cache = model(ids, use_cache=True).cache
+        new = torch.randint(2, 128, (1, 4), generator=torch.Generator().manual_seed(5))
+        expected = model(new, cache=cache).logits
+        model.set_attn_implementation(ATTN_NAME)
+        cache = model(ids, use_cache=True).cache
+        got = model(new, cache=cache, medusa_tree_mask=torch.ones(4, 4, dtype=torch.bool).tril()).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_registration_is_idempotent():
+    assert register_attention() == register_attention() == ATTN_NAME
+    assert "flash" not in ATTN_NAME  # transformers would treat the name as a FlashAttention variant
+    assert AttentionInterface._global_mapping[ATTN_NAME] is hf_attention.medusa_attention_forward
+    assert ATTN_NAME in AttentionMaskInterface._global_mapping
+
+
+def test_backend_override(monkeypatch):
+    monkeypatch.delenv(hf_attention.BACKEND_ENV, raising=False)
+    assert get_backend() == "auto"
+    monkeypatch.setenv(hf_attention.BACKEND_ENV, "torch")
+    assert get_backend() == "torch"
+    set_backend("triton")
+    try:
+        assert get_backend() == "triton"  # the setter wins over the environment
+    finally:
+        set_backend(None)
+    with pytest.raises(ValueError, match="unknown backend"):
+        set_backend("cuda")
+    monkeypatch.setenv(hf_attention.BACKEND_ENV, "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        get_backend()
