@@ -1,0 +1,121 @@
+"""Push to a local Hub-compatible server with the real huggingface_hub client: one commit per package, LFS for the
+weights, byte-identical download; 503s are retried; 401 and unverified heads give clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import HubServer
+from huggingface_hub import HfApi, constants, hf_hub_download
+
+from medusa_toolkit import MedusaHeads
+from medusa_toolkit.export.cli import main as export_main
+from medusa_toolkit.export.hub import HubPushError, push_folder
+from medusa_toolkit.export.importers import load_any_heads
+from medusa_toolkit.export.package import ExportInputs, export_packages
+from medusa_toolkit.export.stage import push_packages
+
+TOKEN = "hf_test_token"
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path):
+    """Online mode against a local endpoint; huggingface_hub read these at import time, so patch the constants too."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+    def start(**kw) -> HubServer:
+        hub = HubServer(**kw).__enter__()
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        servers.append(hub)
+        return hub
+
+    servers: list[HubServer] = []
+    yield start
+    for hub in servers:
+        hub.__exit__(None, None, None)
+
+
+@pytest.fixture
+def packages(tmp_path):
+    torch.manual_seed(0)
+    heads = MedusaHeads(64, 256, 3, 1, base_model_name_or_path="org/base")
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.2)
+    inputs = ExportInputs(heads, license="apache-2.0", base_model_hub_id="org/base", verification={"passed": True})
+    return heads, export_packages(inputs, tmp_path / "export", "all", repo_id="me/heads")
+
+
+def _local_files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_push_then_download_byte_identical(hub_env, packages, tmp_path):
+    heads, folders = packages
+    hub = hub_env(token=TOKEN)
+    results = push_packages(folders, "me/heads", private=True, log=lambda *a: None)
+    assert [r.repo_id for r in results] == ["me/heads", "me/heads-vllm"]
+    # One commit per repo, weights through LFS (preupload said lfs, batch gave an upload URL, the PUT stored them).
+    assert [c["repo"] for c in hub.state.commits] == ["me/heads", "me/heads-vllm"]
+    assert sum(route == "lfs_upload" for route, _, status in hub.state.calls if status == 200) == 2
+    assert hub.state.repos["me/heads"]["private"]
+    api = HfApi(endpoint=hub.endpoint)
+    for fmt, repo in (("medusa", "me/heads"), ("vllm", "me/heads-vllm")):
+        local = _local_files(folders[fmt])
+        assert sorted(api.list_repo_files(repo)) == sorted(local)
+        for name, content in local.items():
+            path = hf_hub_download(repo, name, endpoint=hub.endpoint, cache_dir=tmp_path / "dl")
+            assert open(path, "rb").read() == content, name
+        snapshot = Path(hf_hub_download(repo, "config.json", endpoint=hub.endpoint, cache_dir=tmp_path / "dl")).parent
+        downloaded = load_any_heads(snapshot)
+        hidden = torch.randn(2, 64)
+        assert torch.equal(downloaded(hidden), heads(hidden))
+    card = (folders["medusa"] / "README.md").read_text()
+    assert '"model": "me/heads-vllm"' in card and "--model-id me/heads" in card
+
+
+def test_503s_are_retried(hub_env, packages):
+    _, folders = packages
+    hub = hub_env(token=TOKEN, fail_first={"create": 2, "commit": 1})
+    logs = []
+    result = push_folder(folders["medusa"], "me/retry", backoff=0.01, log=logs.append)
+    statuses = [(route, status) for route, _, status in hub.state.calls if route in ("create", "commit")]
+    assert statuses == [("create", 503), ("create", 503), ("create", 200), ("commit", 503), ("commit", 200)]
+    assert len(hub.state.commits) == 1 and result.commit_oid == hub.state.repos["me/retry"]["branches"]["main"]["sha"]
+    assert sum("failed (HfHubHTTPError" in line and "503" in line for line in logs) == 3
+    assert set(hub.state.files("me/retry")) == set(_local_files(folders["medusa"]))
+
+
+def test_401_gives_clear_error_without_retrying(hub_env, packages):
+    _, folders = packages
+    hub = hub_env(token="the-right-token")
+    with pytest.raises(HubPushError, match=r"401.*HF_TOKEN"):
+        push_folder(folders["medusa"], "me/denied", backoff=0.01, log=lambda *a: None)
+    assert [route for route, _, _ in hub.state.calls].count("create") == 1 and not hub.state.commits
+
+
+def test_cli_push_to_branch_and_pr_and_unverified_refusal(hub_env, tmp_path, capsys):
+    hub = hub_env(token=TOKEN)
+    heads = MedusaHeads(64, 256, 2, 1, base_model_name_or_path="org/base")
+    heads.save_pretrained(tmp_path / "heads")
+    args = ["--heads", str(tmp_path / "heads"), "--out", str(tmp_path / "out"), "--no-tokenizer"]
+    assert export_main([*args, "--push-to-hub", "me/cli"]) == 2
+    assert "refusing to push" in capsys.readouterr().err and not hub.state.calls
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"passed": True}))
+    rc = export_main(
+        [*args, "--push-to-hub", "me/cli", "--verification", str(report), "--revision", "dev", "--commit-message", "v1"]
+    )
+    assert rc == 0 and hub.state.commits[-1]["rev"] == "dev" and hub.state.commits[-1]["summary"] == "v1"
+    assert "verification.json" in hub.state.files("me/cli", "dev")
+    rc = export_main([*args, "--push-to-hub", "me/cli", "--allow-unverified", "--create-pr"])
+    assert rc == 0 and hub.state.commits[-1]["rev"] == "refs/pr/1"
+    assert "discussions/1" in capsys.readouterr().out
