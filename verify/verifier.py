@@ -1,0 +1,357 @@
+"""The losslessness verifier: Medusa greedy decoding must be token-identical to the base model's greedy decoding.
+
+For every prompt the *reference* is the base's plain `generate(do_sample=False)` under SDPA (raw logits kept for the
+tie check) and the *candidate* is `medusa_toolkit.decoding.medusa_generate` with the tree and attention under test.
+At the first differing token the divergence is a numerical TIE when the candidate's token is within `tolerance` of the
+reference's best logit (so the reference's top-2 margin is too), else a MISMATCH: a real bug (mask, positions, cache).
+Alongside, it measures what users tune for: accepted tokens per step, per-head accuracy, tokens/s of both sides.
+
+`verify_heads` is the one function behind both `medusa-verify` (verify/cli.py) and the pipeline's `verify` stage
+(`run_verify`). Report format and writers: verify/report.py.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medusa_toolkit.verify.report import Divergence, PromptResult, VerifyReport, summary_table, write_json, write_junit
+
+# Default tie tolerances (logit units) per dtype. float32 paths differ only by reduction order (~1e-5 on logits);
+# half precision rounds logits of magnitude ~10-30 to steps of 0.06 (bf16) / 0.01 (fp16) and the verify forward
+# accumulates differently from the SDPA prefill, so near-ties flip legitimately. Heuristics: override per run.
+TIE_TOLERANCE = {"float32": 1e-4, "float16": 0.1, "bfloat16": 0.5}
+CONTEXT_TOKENS = 24
+HEAD_TOP_K = 5
+
+
+def default_tie_tolerance(dtype: str | torch.dtype) -> float:
+    name = str(dtype).removeprefix("torch.")
+    return TIE_TOLERANCE.get(name, TIE_TOLERANCE["float32"])
+
+
+def classify_divergence(
+    reference_logits: torch.Tensor, reference_token: int, candidate_token: int | None, tolerance: float
+) -> tuple[str, float, float]:
+    """("tie" | "mismatch", margin, gap) for a divergence, from the reference's logits [V] at that position.
+
+    margin = reference top-1 minus top-2 logit; gap = reference logit of its own token minus that of the candidate's
+    token. TIE iff gap <= tolerance (which implies margin <= tolerance): the candidate picked a token the reference
+    itself scored as equal within numerical noise. A candidate that stopped early (no token) is always a MISMATCH.
+    """
+    logits = reference_logits.float().flatten()
+    top2 = logits.topk(min(2, logits.numel())).values
+    margin = float(top2[0] - top2[-1]) if top2.numel() == 2 else math.inf
+    if candidate_token is None:
+        return "mismatch", margin, math.inf
+    gap = float(logits[reference_token] - logits[candidate_token])
+    return ("tie" if gap <= tolerance else "mismatch"), margin, gap
+
+
+def first_divergence(reference: Sequence[int], candidate: Sequence[int]) -> int | None:
+    """Index of the first differing generated token (a length difference counts), or None when identical."""
+    for i, (r, c) in enumerate(zip(reference, candidate)):
+        if r != c:
+            return i
+    return None if len(reference) == len(candidate) else min(len(reference), len(candidate))
+
+
+def _text(tokenizer: Any, ids: Sequence[int]) -> str:
+    if tokenizer is None:
+        return " ".join(str(i) for i in ids)
+    return tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def _eos(model: Any) -> int | list[int] | None:
+    return getattr(model.base.generation_config, "eos_token_id", None)
+
+
+@torch.inference_mode()
+def reference_generate(
+    model: Any, input_ids: torch.Tensor, max_new_tokens: int
+) -> tuple[list[int], torch.Tensor, float]:
+    """The base's plain greedy decoding under SDPA: (new token ids, raw logits [n, V], seconds).
+
+    A fresh GenerationConfig keeps only the special token ids, so no repetition penalty or other processor from the
+    model's generation_config changes "greedy".
+    """
+    from transformers import GenerationConfig
+
+    from medusa_toolkit.decoding import use_attention
+
+    base = model.base
+    eos = _eos(model)
+    pad = base.generation_config.pad_token_id
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
+    gen = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+        bos_token_id=base.generation_config.bos_token_id, output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    with use_attention(model, "sdpa"):
+        start = time.perf_counter()
+        out = base.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen)
+        seconds = time.perf_counter() - start
+    new = out.sequences[0, input_ids.shape[1] :].tolist()
+    logits = torch.stack([step[0] for step in out.logits]) if out.logits else torch.empty(0)
+    return new, logits.float().cpu(), seconds
+
+
+@torch.inference_mode()
+def head_hits(model: Any, prompt_ids: list[int], continuation: list[int], top_k: int = HEAD_TOP_K) -> torch.Tensor:
+    """Per-head [top-1 hits, top-k hits, count] [num_heads, 3] against the reference continuation.
+
+    One causal forward over prompt + continuation; head k at position t is scored on token t + k + 2, for every t from
+    the last prompt token (where decoding first applies the heads) whose target lies in the continuation.
+    """
+    tokens = torch.tensor(prompt_ids + continuation, device=model.device)[None]
+    hits = torch.zeros(model.num_heads, 3, dtype=torch.long)
+    p, total = len(prompt_ids), tokens.shape[1]
+    if total < p + 2:
+        return hits
+    out = model(tokens, position_ids=torch.arange(total, device=tokens.device)[None])
+    for k in range(model.num_heads):
+        shift = k + 2
+        if total - shift <= p - 1:  # continuation too short for this head
+            continue
+        t = torch.arange(p - 1, total - shift, device=tokens.device)
+        targets = tokens[0, t + shift]
+        topk = out.medusa_logits[k, 0, t].topk(min(top_k, out.medusa_logits.shape[-1]), dim=-1).indices
+        hits[k, 0] = int((topk[:, 0] == targets).sum())
+        hits[k, 1] = int((topk == targets[:, None]).any(-1).sum())
+        hits[k, 2] = t.numel()
+    return hits
+
+
+def verify_prompt(
+    model: Any, tokenizer: Any, index: int, prompt: str, prompt_ids: list[int], tree: Any, max_new_tokens: int,
+    attn: str, tolerance: float,
+) -> tuple[PromptResult, torch.Tensor]:  # fmt: skip
+    """Reference vs candidate for one prompt: the PromptResult and the per-head hit counts."""
+    from medusa_toolkit.decoding import medusa_generate
+
+    input_ids = torch.tensor(prompt_ids, device=model.device)[None]
+    ref, ref_logits, ref_time = reference_generate(model, input_ids, max_new_tokens)
+    result = PromptResult(index, prompt, "pass", len(prompt_ids), reference_tokens=len(ref), reference_time_s=ref_time)
+    hits = head_hits(model, prompt_ids, ref)
+    try:
+        out = medusa_generate(
+            model, input_ids, max_new_tokens, tree=tree, eos_token_id=_eos(model), attn_implementation=attn
+        )
+    except Exception as e:  # a crash of the decoding under test is a failed verification, not a tool error
+        result.status, result.error = "error", f"{type(e).__name__}: {e}"
+        return result, hits
+    cand = out.sequences[0, input_ids.shape[1] :].tolist()
+    result.medusa_tokens, result.medusa_time_s, result.accept_lengths = (
+        len(cand),
+        out.wall_time,
+        list(out.accept_lengths),
+    )
+    pos = first_divergence(ref, cand)
+    if pos is None:
+        return result, hits
+    if pos >= len(ref):  # the reference stopped (EOS) and Medusa went on: no reference logits to compare there
+        ref_token, cand_token = None, cand[pos]
+        kind, margin, gap = "mismatch", math.nan, math.inf
+    else:
+        ref_token, cand_token = ref[pos], (cand[pos] if pos < len(cand) else None)
+        kind, margin, gap = classify_divergence(ref_logits[pos], ref_token, cand_token, tolerance)
+    tok = {"id": ref_token, "text": None if ref_token is None else _text(tokenizer, [ref_token])}
+    result.divergence = Divergence(
+        position=pos, kind=kind, reference_token=tok,
+        candidate_token={"id": cand_token, "text": None if cand_token is None else _text(tokenizer, [cand_token])},
+        margin=margin, gap=gap, tolerance=tolerance, context=_text(tokenizer, ref[max(0, pos - CONTEXT_TOKENS) : pos]),
+    )  # fmt: skip
+    result.status = kind
+    return result, hits
+
+
+def summarize(results: list[PromptResult], hits: torch.Tensor) -> dict:
+    """The report's `summary`: counts, pooled acceptance, its histogram, per-head accuracy and speeds."""
+    steps = [a for r in results for a in r.accept_lengths]
+    ref_tokens = sum(r.reference_tokens for r in results)
+    med_tokens = sum(r.medusa_tokens for r in results)
+    ref_time = sum(r.reference_time_s for r in results)
+    med_time = sum(r.medusa_time_s for r in results if r.status != "error")
+    ref_tps = ref_tokens / ref_time if ref_time > 0 else math.nan
+    med_tps = med_tokens / med_time if med_time > 0 else math.nan
+    status = Counter(r.status for r in results)
+    return {
+        "prompts": len(results),
+        "passed": status["pass"],
+        "ties": status["tie"],
+        "mismatches": status["mismatch"],
+        "errors": status["error"],
+        "reference_tokens": ref_tokens,
+        "medusa_tokens": med_tokens,
+        "steps": len(steps),
+        "mean_accept_length": sum(steps) / len(steps) if steps else math.nan,
+        "accept_length_histogram": {str(k): v for k, v in sorted(Counter(steps).items())},
+        "head_accuracy": [
+            {
+                "head": k,
+                "offset": k + 2,
+                "top1": float(h[0]) / float(h[2]) if h[2] else math.nan,
+                "top5": float(h[1]) / float(h[2]) if h[2] else math.nan,
+                "count": int(h[2]),
+            }
+            for k, h in enumerate(hits.tolist())
+        ],
+        "reference_tokens_per_s": ref_tps,
+        "medusa_tokens_per_s": med_tps,
+        "speedup": med_tps / ref_tps if ref_tps > 0 else math.nan,
+    }
+
+
+def decide(summary: dict, strict: bool = False, min_accept_length: float | None = None) -> dict:
+    """The verdict: exit 1 on any mismatch/error (or tie under strict), else 3 when acceptance is too low, else 0."""
+    reasons = []
+    if summary["mismatches"]:
+        reasons.append(f"{summary['mismatches']} prompt(s) diverge from the base model's greedy output (MISMATCH)")
+    if summary["errors"]:
+        reasons.append(f"Medusa decoding raised an error on {summary['errors']} prompt(s)")
+    if strict and summary["ties"]:
+        reasons.append(f"{summary['ties']} prompt(s) diverge at a numerical tie, and --strict allows none")
+    if reasons:
+        return {"status": "fail", "passed": False, "exit_code": 1, "reasons": reasons}
+    mean = summary["mean_accept_length"]
+    if min_accept_length is not None and not (mean >= min_accept_length):  # nan (no steps) fails too
+        reason = f"mean accept length {mean:.3f} is below the required {min_accept_length}"
+        return {"status": "low_acceptance", "passed": False, "exit_code": 3, "reasons": [reason]}
+    return {"status": "pass", "passed": True, "exit_code": 0, "reasons": []}
+
+
+def verify_heads(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str | Sequence[int]],
+    tree: Any = None,
+    max_new_tokens: int = 64,
+    attn_implementation: str = "sdpa",
+    tie_tolerance: float | None = None,
+    strict: bool = False,
+    min_accept_length: float | None = None,
+    batch_size: int = 1,
+    use_chat_template: bool = True,
+    system_prompt: str | None = None,
+    settings: dict | None = None,
+    progress: bool = True,
+) -> VerifyReport:
+    """Verify a MedusaModel on prompts (strings rendered with the tokenizer's chat template, or token id lists).
+
+    `tree`: anything `MedusaTree.resolve` takes (None: a chain over all heads). `settings`: extra entries for the
+    report (e.g. base/heads names). Returns the VerifyReport; its `exit_code` is the CI verdict.
+    """
+    from tqdm.auto import tqdm
+
+    from medusa_toolkit.decoding import use_attention
+    from medusa_toolkit.prompts import render_prompt
+    from medusa_toolkit.tree import MedusaTree
+
+    tree = MedusaTree.resolve(tree, model.num_heads)
+    dtype = str(model.dtype).removeprefix("torch.")
+    tolerance = default_tie_tolerance(dtype) if tie_tolerance is None else float(tie_tolerance)
+    with use_attention(model, attn_implementation):  # fail fast (before any decoding) when the attention is missing
+        pass
+    notes = []
+    if batch_size > 1:
+        notes.append(
+            f"batch_size={batch_size} requested, but batched Medusa decoding is not implemented yet: "
+            "prompts were verified one at a time (batch 1)"
+        )
+    rendered: list[tuple[str, list[int]]] = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass token id lists instead")
+            rendered.append((p, render_prompt(tokenizer, p, use_chat_template, system_prompt)))
+        else:
+            ids = [int(t) for t in p]
+            rendered.append((_text(tokenizer, ids), ids))
+
+    results, hits = [], torch.zeros(model.num_heads, 3, dtype=torch.long)
+    bar = tqdm(rendered, desc="medusa-verify", unit="prompt", disable=not progress)
+    for i, (text, ids) in enumerate(bar):
+        result, h = verify_prompt(model, tokenizer, i, text, ids, tree, max_new_tokens, attn_implementation, tolerance)
+        results.append(result)
+        hits += h
+        if result.medusa_time_s > 0:
+            bar.set_postfix(status=result.status, accept=f"{result.mean_accept_length:.2f}",
+                            tok_s=f"{result.medusa_tokens / result.medusa_time_s:.1f}")  # fmt: skip
+    summary = summarize(results, hits)
+    full_settings = {
+        "base": None, "heads": None, "prompts_source": None,
+        **(settings or {}),
+        "tree": {"name": tree.name, "paths": [list(p) for p in tree.paths], "num_nodes": tree.num_nodes,
+                 "depth": tree.depth, "top_k": tree.top_k},
+        "dtype": dtype, "attn_implementation": attn_implementation, "reference_attn_implementation": "sdpa",
+        "device": str(model.device), "max_new_tokens": max_new_tokens, "num_prompts": len(rendered),
+        "batch_size": batch_size, "strict": strict, "tie_tolerance": tolerance, "min_accept_length": min_accept_length,
+    }  # fmt: skip
+    return VerifyReport(full_settings, results, summary, decide(summary, strict, min_accept_length), notes)
+
+
+def write_outputs(report: VerifyReport, report_path: str | Path | None, junit_path: str | Path | None) -> None:
+    if report_path:
+        write_json(report, report_path)
+    if junit_path:
+        write_junit(report, junit_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The pipeline stage
+
+
+def run_verify(cfg: Any, run_dir: Path, out_dir: Path) -> None:
+    """The `verify` stage: heads from run_dir/heads, tree from run_dir/tree/tree.json (else `verify.tree`/`tree.tree`
+    when it names a preset or file, else a chain over all heads); writes out_dir/report.json and out_dir/junit.xml.
+
+    It never raises on a failed verification: the report's verdict gates export (and CI reads the exit code of
+    `medusa-verify`).
+    """
+    import torch.distributed as dist
+
+    from medusa_toolkit.medusa_model import MedusaModel, load_heads
+    from medusa_toolkit.models import load_base_model
+    from medusa_toolkit.prompts import load_prompts
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return  # one process verifies; the runner's barrier waits for it
+    v = cfg.verify
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    prompts = _load_prompts(v.prompts, v.prompt_field, v.num_prompts, load_prompts)
+    heads = load_heads(run_dir / "heads")
+    dtype = v.dtype or cfg.model.dtype
+    base, tokenizer = load_base_model(
+        cfg.model.name_or_path, dtype=dtype, device=cfg.model.device, attn_implementation="sdpa"
+    )
+    model = MedusaModel(base, heads, tokenizer)
+    tree_file = run_dir / "tree" / "tree.json"
+    if v.tree:
+        tree = v.tree
+    elif tree_file.is_file():
+        tree = str(tree_file)
+    else:
+        tree = cfg.tree.tree if cfg.tree.tree != "auto" else None  # None: a chain over all heads
+    report = verify_heads(
+        model, tokenizer, prompts, tree=tree, max_new_tokens=v.max_new_tokens, attn_implementation=v.attn_implementation,
+        tie_tolerance=v.tie_tolerance, strict=v.strict, min_accept_length=v.min_accept_length, batch_size=v.batch_size,
+        use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt,
+        settings={"base": cfg.model.name_or_path, "heads": str(run_dir / "heads"), "prompts_source": v.prompts},
+        progress=cfg.logging.progress,
+    )  # fmt: skip
+    write_outputs(report, out_dir / "report.json", out_dir / "junit.xml")
+    print(summary_table(report))
+
+
+def _load_prompts(source: str, field: str, num: int | None, load_prompts: Any) -> list[str]:
+    """chitchat (held-out split), builtin, or a prompts file (any path, with or without a suffix)."""
+    if source in ("chitchat", "builtin"):
+        return load_prompts(source, split="heldout", num=num)
+    return load_prompts("file", path=source, field=field, num=num)
