@@ -1,0 +1,157 @@
+"""Training stage: heads learn the right shift, resume is exact, ZeRO stages agree, kl/ce run, two ranks agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import base_config, tiny_model_dir, write_permutation_data
+
+from medusa_toolkit.config import config_from_dict
+from medusa_toolkit.heads import MedusaHeads
+from medusa_toolkit.train import losses, trainer
+from medusa_toolkit.train.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny model folder and a predictable data artefact (40 train + 8 held-out sequences)."""
+    root = tmp_path_factory.mktemp("train")
+    model = tiny_model_dir(root / "model")
+    data_run = root / "data-run"
+    tokens = write_permutation_data(data_run)
+    return model, data_run, tokens
+
+
+def _run(tmp_path: Path, tiny, name: str, stop_at=None, **train) -> tuple[MedusaHeads, Path]:
+    model, data_run, _ = tiny
+    run = tmp_path / name
+    if not (run / "data").exists():
+        run.mkdir(parents=True, exist_ok=True)
+        os.symlink(data_run / "data", run / "data")
+    cfg = config_from_dict(base_config(model, **train))
+    out = run / "heads"
+    out.mkdir(exist_ok=True)
+    return trainer.train(cfg, run, out, stop_at=stop_at), out
+
+
+def heldout_top1(model_dir: Path, heads: MedusaHeads, tokens: torch.Tensor, head: int = 0) -> float:
+    """Independent check: head `head` at position t vs the TRUE token t + head + 2 on the held-out rows' responses."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = tokens[-8:]
+    with torch.no_grad():
+        logits = heads(base.get_decoder()(rows).last_hidden_state, base.lm_head)[head]
+    shift = head + 2
+    pred, target = logits[:, 4 - shift : -shift].argmax(-1), rows[:, 4:]  # response positions only
+    return (pred == target).float().mean().item()
+
+
+def test_heads_learn_and_wrong_shift_fails(tmp_path, tiny, monkeypatch):
+    model, _, tokens = tiny
+    heads, out = _run(tmp_path, tiny, "good", max_steps=25, log_every=1, learning_rate=1e-2)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train/head0/loss"] < 0.3 * rows[0]["train/head0/loss"]
+    good = heldout_top1(model, heads, tokens)
+    assert good > 0.7, good
+    # The same training with labels shifted by one token too few: the independent check must catch it.
+    monkeypatch.setattr(losses, "target_offset", lambda k: k + 1)
+    bad_heads, _ = _run(tmp_path, tiny, "bad", max_steps=25, learning_rate=1e-2)
+    bad = heldout_top1(model, bad_heads, tokens)
+    assert bad < 0.3 < good, (bad, good)
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 25 and summary["final_heldout"]["top1"][0] > 0.7
+    assert (out / "accuracy.png").stat().st_size > 0
+    loaded = MedusaHeads.from_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), heads.state_dict().values()))
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny):
+    full, _ = _run(tmp_path, tiny, "full", max_steps=8, warmup_ratio=0.25)
+    _run(tmp_path, tiny, "resumed", stop_at=4, max_steps=8, warmup_ratio=0.25)
+    assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text().strip() == "step-0000004"
+    resumed, _ = _run(tmp_path, tiny, "resumed", max_steps=8, warmup_ratio=0.25, resume=True)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # Resuming a checkpoint of another config is refused.
+    with pytest.raises(trainer.TrainError, match="another config"):
+        _run(tmp_path, tiny, "resumed", max_steps=9, resume=True)
+
+
+def test_zero_stages_agree_and_teacher_cache_is_exact(tmp_path, tiny):
+    """One process, fp32: ZeRO 0/2/3 and the teacher cache must not change the math (2 epochs: cache is used)."""
+    ref, _ = _run(tmp_path, tiny, "z0", max_steps=10, deepspeed={"zero_stage": 0})
+    for name, extra in (("z2", {"deepspeed": {"zero_stage": 2}}), ("z3", {"deepspeed": {"zero_stage": 3}}),
+                        ("cache", {"teacher_cache": True})):
+        heads, out = _run(tmp_path, tiny, name, max_steps=10, **extra)
+        for a, b in zip(ref.state_dict().values(), heads.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        assert MedusaHeads.from_pretrained(out).num_heads == 2
+
+
+@pytest.mark.parametrize("train", [{"loss": "kl"}, {"loss": "kl", "kl_top_k": 8, "kl_temperature": 2.0}])
+def test_kl_loss_learns(tmp_path, tiny, train):
+    """The kl target is the random base's own distribution (not the data tokens): its KL to the heads must fall."""
+    heads, out = _run(tmp_path, tiny, "kl", max_steps=15, log_every=1, learning_rate=1e-2, **train)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train/head0/loss"] < 0.7 * rows[0]["train/head0/loss"]
+
+
+def test_kl_loss_matches_definition():
+    student, teacher = torch.randn(5, 11), torch.randn(5, 11)
+    p = torch.softmax(teacher, -1)
+    expected = (p * (p.log() - torch.log_softmax(student, -1))).sum(-1).mean()
+    torch.testing.assert_close(losses.kl_loss(student, teacher), expected)
+    assert losses.kl_loss(teacher, teacher) < 1e-6  # a student equal to the teacher has zero loss
+    torch.testing.assert_close(losses.kl_loss(student, teacher, top_k=11), expected)
+    v, i = teacher.topk(3, -1)
+    q = torch.softmax(v, -1)  # top-3 teacher, renormalised, vs the student's full log-probs at those tokens
+    manual = (q * (q.log() - torch.log_softmax(student, -1).gather(-1, i))).sum(-1).mean()
+    torch.testing.assert_close(losses.kl_loss(student, teacher, top_k=3), manual)
+
+
+def test_bad_config_exits_2_before_loading(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model:\n  name_or_path: /nonexistent\ntrain:\n  lerning_rate: 1\n")
+    assert cli_main([str(cfg)]) == 2
+    assert "did you mean 'train.learning_rate'" in capsys.readouterr().err.lower()
+    assert cli_main([str(cfg), "--set", "train.lerning_rate=null", "--stages", "data,trian"]) == 2
+    assert cli_main([str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_deepspeed_config_file(tmp_path):
+    cfg = config_from_dict({"train": {"deepspeed": {"config_file": str(tmp_path / "nope.json")}}})
+    with pytest.raises(trainer.TrainError, match="not found"):
+        trainer.deepspeed_config(cfg)
+    (tmp_path / "ds.json").write_text(json.dumps({"gradient_clipping": 0.5, "zero_optimization": {"stage": 2}}))
+    cfg = config_from_dict({"train": {"micro_batch_size": 3, "deepspeed": {"config_file": str(tmp_path / "ds.json")}}})
+    ds = trainer.deepspeed_config(cfg)
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+
+
+def test_two_ranks_identical_heads_written_once(tmp_path, tiny):
+    model, data_run, _ = tiny
+    cfg = tmp_path / "cfg.json"
+    raw = base_config(model, max_steps=4, micro_batch_size=4, deepspeed={"zero_stage": 2})
+    cfg.write_text(json.dumps(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "tests" / "train_two_ranks.py"), str(cfg), str(tmp_path / "run")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    digests = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert digests[0] == digests[1]
+    heads_dir = tmp_path / "run" / "train"
+    assert json.loads((heads_dir / "training_summary.json").read_text())["world_size"] == 2
+    assert res.stdout.count("[train] done") == 1 and res.stdout.count("[data] done") == 1
+    assert sorted(p.name for p in heads_dir.iterdir()) == [
+        "accuracy.png", "config.json", "manifest.json", "medusa_lm_head.safetensors", "metrics.jsonl", "training_summary.json"]

@@ -1,0 +1,81 @@
+"""Tiny on-disk models, tokenizers and data artefacts for the training tests (no network, seconds to build)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tiny import tiny_base
+
+BOS, EOS = 256, 257
+VOCAB = 258
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def byte_tokenizer(chat_template: bool = True):
+    """A byte-level tokenizer: 256 byte tokens + <s> (256) + </s> (257), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab.update({"<s>": BOS, "</s>": EOS})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_model_dir(path: Path, seed: int = 0, chat_template: bool = True, max_positions: int = 1024) -> Path:
+    """Save a tiny random Llama (vocab 258) + byte tokenizer as a HF folder usable as model.name_or_path."""
+    base = tiny_base("llama", seed, vocab=VOCAB, eos=EOS)
+    base.config.max_position_embeddings = max_positions
+    base.save_pretrained(path)
+    byte_tokenizer(chat_template).save_pretrained(path)
+    return Path(path)
+
+
+def write_permutation_data(run_dir: Path, num: int = 48, new: int = 40, heldout: int = 8, seed: int = 0,
+                           prompt_len: int = 4, alphabet: int = 64) -> torch.Tensor:
+    """Write a data artefact whose future is predictable: x[t+1] = perm(x[t]) for a fixed random permutation.
+
+    Token t+2 is perm(perm(x[t])), a function of the current token alone, so held-out rows (other start tokens) are
+    learnable, while a head trained on the wrong shift learns perm(x[t]) and scores ~0 on the true target.
+    """
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(alphabet, generator=g)
+    tokens = torch.empty(num, prompt_len + new, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, alphabet, (num,), generator=g)
+    for t in range(1, tokens.shape[1]):
+        tokens[:, t] = perm[tokens[:, t - 1]]
+    rows = {
+        "input_ids": tokens.tolist(),
+        "loss_mask": [[0] * prompt_len + [1] * new for _ in range(num)],
+        "prompt_length": [prompt_len] * num,
+        "prompt_index": list(range(num)),
+        "heldout": [i >= num - heldout for i in range(num)],
+    }
+    datasets.Dataset.from_dict(rows).save_to_disk(str(Path(run_dir) / "data"))
+    return tokens
+
+
+def base_config(model_dir: Path, **train) -> dict:
+    """A raw config for the tiny model: small data and training, no wandb, no progress bars."""
+    return {
+        "model": {"name_or_path": str(model_dir)},
+        "heads": {"num_heads": 2, "head_type": "per_head_lm_head"},
+        "data": {"source": "builtin", "num_prompts": 8, "max_new_tokens": 24, "batch_size": 4, "shard_size": 3,
+                 "eval_fraction": 0.25, "max_prompt_tokens": 64},
+        "train": {"micro_batch_size": 8, "learning_rate": 3e-3, "warmup_ratio": 0.0, "max_steps": 10,
+                  "log_every": 5, "eval_every": 10, "checkpoint_every": 1000, **train},
+        "logging": {"wandb_mode": "disabled", "progress": False},
+    }

@@ -1,0 +1,65 @@
+"""Process-group setup that works the same under `deepspeed`, `torchrun` and as a plain single process.
+
+A plain `medusa-train` call sets up a world of one itself (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK), so the
+training code never branches on "distributed or not". CPU runs use gloo; CUDA runs NCCL (DeepSpeed picks it).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed through DeepSpeed (idempotent); a bare process becomes a world of one."""
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # not under a launcher: a world of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def device() -> torch.device:
+    """This rank's device: its local GPU when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (in place) and return it; a no-op for a world of one."""
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t

@@ -1,0 +1,113 @@
+"""Medusa training objective: per-head `ce` or `kl` losses with decay**k weights, plus top-1/top-5 counts.
+
+Head k at position t guesses the token at t + k + 2. `ce` compares it with that token of the self-distilled text;
+`kl` with the base model's own distribution at position t + k + 1 (the base's next-token guess for the same token),
+computed from the same final hidden states. A position counts only when the TARGET position is in the loss mask.
+Only masked positions are projected onto the vocabulary: the [N, V] projection is most of the cost.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from medusa_toolkit.heads import MedusaHeads
+
+# Per head: loss_sum, count, top1_correct, top5_correct.
+STATS = 4
+
+
+def target_offset(k: int) -> int:
+    """Head k at position t predicts the token at t + target_offset(k)."""
+    return k + 2
+
+
+def head_weights(num_heads: int, decay: float) -> list[float]:
+    """Medusa-2 per-head loss weights decay**k."""
+    return [decay**k for k in range(num_heads)]
+
+
+class MedusaObjective(nn.Module):
+    """Heads + the loss, as one module for the DeepSpeed engine. The base lm_head is a frozen tensor, not a parameter.
+
+    forward(hidden [B,T,H], input_ids [B,T], loss_mask [B,T]) -> (weighted loss, stats [num_heads, 4]).
+    """
+
+    def __init__(
+        self,
+        heads: MedusaHeads,
+        lm_head_weight: torch.Tensor,
+        loss: str = "ce",
+        decay: float = 0.8,
+        kl_temperature: float = 1.0,
+        kl_top_k: int | None = None,
+        softcap: float | None = None,
+    ):
+        super().__init__()
+        self.heads = heads
+        # A plain attribute (not a parameter/buffer): DeepSpeed must neither train, shard nor broadcast it.
+        self.lm_head_weight = lm_head_weight.detach()
+        self.loss = loss
+        self.weights = head_weights(heads.num_heads, decay)
+        self.kl_temperature = kl_temperature
+        self.kl_top_k = kl_top_k
+        self.softcap = softcap
+
+    def base_logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.lm_head_weight.to(h.dtype))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def project(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        if self.heads.head_type == "shared_lm_head":
+            return self.base_logits(h)
+        return self.heads.heads[k][self.heads.num_layers](h)
+
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor):
+        dtype = next(self.heads.parameters()).dtype
+        hidden = hidden.to(dtype)
+        per_head = self.heads.hidden(hidden)  # [K, B, T, H]: cheap, the vocab projection comes after masking
+        total = hidden.new_zeros((), dtype=torch.float32)
+        stats = torch.zeros(self.heads.num_heads, STATS, dtype=torch.float64, device=hidden.device)
+        T = hidden.shape[1]
+        for k in range(self.heads.num_heads):
+            shift = min(target_offset(k), T)
+            mask = loss_mask[:, shift:].bool()
+            n = int(mask.sum())
+            # Always project, even nothing: under ZeRO-3 every rank must call every submodule (parameter gathers).
+            logits = self.project(k, per_head[k, :, : T - shift][mask]).float()  # [N, V]
+            if n == 0:
+                total = total + logits.sum() * 0.0
+                continue
+            target = input_ids[:, shift:][mask]
+            if self.loss == "ce":
+                loss = F.cross_entropy(logits, target)
+            else:
+                teacher = self.base_logits(hidden[:, shift - 1 : T - 1][mask]).float()  # base's guess for the same token
+                loss = kl_loss(logits, teacher, self.kl_temperature, self.kl_top_k)
+            total = total + self.weights[k] * loss
+            with torch.no_grad():
+                top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+                stats[k, 0] += loss.detach().double() * n
+                stats[k, 1] += n
+                stats[k, 2] += (top5[:, 0] == target).sum()
+                stats[k, 3] += (top5 == target[:, None]).any(-1).sum()
+        return total, stats
+
+
+def kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """KL(teacher || student) per position, averaged; with top_k the teacher keeps only its k best tokens (renormalised).
+
+    Scaled by temperature**2 (Hinton) so the gradient size does not depend on the temperature.
+    """
+    s = F.log_softmax(student / temperature, dim=-1)
+    if top_k is not None and top_k < teacher.shape[-1]:
+        values, index = teacher.topk(top_k, dim=-1)
+        p = F.softmax(values / temperature, dim=-1)
+        kl = (p * (p.clamp_min(1e-30).log() - s.gather(-1, index))).sum(-1)
+    else:
+        logp = F.log_softmax(teacher / temperature, dim=-1)
+        kl = (logp.exp() * (logp - s)).sum(-1)
+    return kl.mean() * temperature**2
