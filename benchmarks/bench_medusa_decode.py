@@ -1,0 +1,118 @@
+"""Medusa decoding speed on this machine: base greedy vs the tuned tree vs mc_sim_7b_63 vs chain-N.
+
+Same held-out prompts for every decoder, one run each (after a short warm-up), exactness checked against the base's
+greedy tokens. The tuned tree is read from --tree, or tuned here (speed objective) on held-out prompts that are
+disjoint from the benchmark prompts.
+
+    python benchmarks/bench_medusa_decode.py                       # demo heads: runs/smollm2-135m/heads
+    python benchmarks/bench_medusa_decode.py --heads DIR [--tree tree.json]
+    python benchmarks/bench_medusa_decode.py --fresh-heads         # untrained heads: checks the script, not the speed
+
+Goal (2-core CPU, SmolLM2-135M, trained demo heads): tuned >= 1.5x base greedy and >= 1.2x mc_sim_7b_63.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+DEMO_RUN = Path("runs/smollm2-135m")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--base", default="smollm2-135m-instruct")
+    p.add_argument("--heads", default=None, help=f"heads folder (default {DEMO_RUN}/heads)")
+    p.add_argument("--fresh-heads", action="store_true", help="use untrained heads (init from lm_head) to test the script")
+    p.add_argument("--tree", default=None, help=f"tuned tree.json (default {DEMO_RUN}/tree/tree.json if present, else tune here)")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--calibration-prompts", type=int, default=24)
+    p.add_argument("--max-nodes", type=int, default=64)
+    p.add_argument("--prefix-length", type=int, default=256)
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "medusa_flash_decoding"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    from medusa_toolkit import MedusaHeads, MedusaModel, MedusaTree, load_base_model
+    from medusa_toolkit.medusa_model import load_heads
+    from medusa_toolkit.prompts import load_prompts
+    from medusa_toolkit.verify.calibration import calibrate_prompts
+    from medusa_toolkit.verify.tune_tree import (
+        base_greedy,
+        choose_tree,
+        comparison_trees,
+        device_name,
+        format_results,
+        prompt_token_ids,
+        validate,
+    )
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base, tok = load_base_model(args.base, attn_implementation=args.attn)
+    if args.fresh_heads:
+        heads = MedusaHeads(base.config.hidden_size, base.config.vocab_size, 4)
+        heads.init_from_lm_head(base.get_output_embeddings().weight)
+        heads_name = "fresh (untrained)"
+    else:
+        heads_dir = Path(args.heads) if args.heads else DEMO_RUN / "heads"
+        if not heads_dir.is_dir():
+            sys.exit(f"no heads at {heads_dir}: train the demo (make demo) or pass --heads DIR (or --fresh-heads)")
+        heads, heads_name = load_heads(heads_dir), str(heads_dir)
+    model = MedusaModel(base, heads, tok)
+
+    texts = load_prompts("chitchat", split="heldout", num=args.calibration_prompts + args.num_prompts)
+    ids = prompt_token_ids(tok, texts, True, None, 512)
+    calib_ids, bench_ids = ids[: args.calibration_prompts], ids[args.calibration_prompts :]
+    tree_file = Path(args.tree) if args.tree else (DEMO_RUN / "tree" / "tree.json" if not args.fresh_heads and not args.heads else None)
+    if tree_file is not None and tree_file.is_file():
+        tuned = MedusaTree.from_file(tree_file)
+        source = str(tree_file)
+    else:
+        print(f"tuning a tree here ({args.calibration_prompts} calibration prompts, speed objective) ...")
+        calib = calibrate_prompts(model, calib_ids, args.max_new_tokens, model.num_heads, 10)
+        result = choose_tree(model, calib, args.max_nodes, "speed", args.prefix_length, 1, args.attn)
+        tuned, source = result.tree, f"tuned here: predicted accept {result.predicted_accept_length:.2f}"
+    trees, notes = comparison_trees(tuned, model.num_heads)
+    for n in (2, 3):
+        if n < model.num_heads:
+            trees[f"chain-{n}"] = MedusaTree.chain(n)
+
+    # warm-up: one short decode per decoder, so no decoder pays first-call costs in the timed run
+    from medusa_toolkit import medusa_generate
+
+    base_greedy(model, bench_ids[0], 8, set())
+    for tree in trees.values():
+        medusa_generate(model, torch.as_tensor(bench_ids[0])[None], 8, tree=tree, attn_implementation=args.attn)
+
+    results = validate(model, trees, bench_ids, args.max_new_tokens, args.attn)
+    summary = {
+        "device": device_name(model.device),
+        "base": args.base,
+        "heads": heads_name,
+        "tuned_tree": {"source": source, "nodes": tuned.num_nodes, "depth": tuned.depth, "paths": [list(q) for q in tuned.paths]},
+        "num_prompts": len(bench_ids),
+        "max_new_tokens": args.max_new_tokens,
+        "results": results,
+    }
+    print(f"\n{summary['device']} | base {args.base} | heads {heads_name} | tuned tree: {tuned.num_nodes} nodes ({source})")
+    print(format_results(results, notes))
+    tps = {k: v["tokens_per_second"] for k, v in results.items()}
+    print(f"\ntuned / base greedy:   {tps['tuned'] / tps['base_greedy']:.2f}x   (goal >= 1.5x)")
+    if "mc_sim_7b_63" in tps:
+        print(f"tuned / mc_sim_7b_63:  {tps['tuned'] / tps['mc_sim_7b_63']:.2f}x   (goal >= 1.2x)")
+    if not all(v["identical_to_greedy"] for v in results.values()):
+        print("WARNING: some decoder's output differs from base greedy (run medusa-verify)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
