@@ -59,3 +59,22 @@ def test_yaml_round_trip():
 
     cfg = config_from_dict({"heads": {"num_heads": 5}})
     assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_readme_documents_every_config_key():
+    """The README's config reference must stay true: every schema key appears there as `section.key`."""
+    import dataclasses
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+
+    def keys(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from keys(value, f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    missing = [k for k in keys(ToolkitConfig()) if f"`{k}`" not in readme]
+    assert not missing, f"README.md's config reference lacks: {missing}"

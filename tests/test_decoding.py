@@ -10,12 +10,28 @@ BRANCHING = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1,
 TREES = ["chain-4", BRANCHING, "mc_sim_7b_63"]
 
 
+_MODELS: dict = {}
+
+
+def fitted(family: str):
+    """A tiny model of a family with heads fitted to its own greedy text, and that text (built once per family)."""
+    if family not in _MODELS:
+        base = tiny_base(family, seed=1)
+        _MODELS[family] = (
+            MedusaModel(base, fit_heads(base, num_heads=4, steps=120, seed=1)),
+            greedy_corpus(base, seed=1),
+        )
+    return _MODELS[family]
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
-def setup(request):
-    """A tiny model of each family with heads fitted to its own greedy text, and that text."""
-    base = tiny_base(request.param, seed=1)
-    heads = fit_heads(base, num_heads=4, steps=120, seed=1)
-    return MedusaModel(base, heads), greedy_corpus(base, seed=1)
+def family_setup(request):
+    return fitted(request.param)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return fitted("llama")
 
 
 def reference(model, ids, max_new_tokens, eos_token_id=None):
@@ -34,8 +50,8 @@ def prompts(corpus):
 
 
 @pytest.mark.parametrize("tree", TREES, ids=["chain", "branching", "mc_sim_7b_63"])
-def test_identical_to_greedy(setup, tree):
-    model, corpus = setup
+def test_identical_to_greedy(family_setup, tree):
+    model, corpus = family_setup
     total_accepted = 0
     for ids in prompts(corpus):
         out = medusa_generate(model, ids, max_new_tokens=64, tree=tree)

@@ -82,3 +82,12 @@ def test_medusa_model_forward_matches_base():
     last = model(ids, logits_to_keep=1)
     assert torch.allclose(last.logits[:, 0], out.logits[:, -1], atol=1e-5)
     assert not any(p.requires_grad for p in model.base.parameters()) and not model.base.training
+
+
+def test_only_the_first_heads_can_run():
+    heads = MedusaHeads(16, 32, num_heads=3)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, 16)
+    assert torch.equal(heads(x, num_heads=2), heads(x)[:2])
+    assert heads(x, num_heads=0).shape == (0, 2, 32)

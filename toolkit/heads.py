@@ -107,23 +107,30 @@ class MedusaHeads(nn.Module):
             for head in self.heads:
                 head[-1].weight.copy_(lm_head_weight)
 
-    def hidden(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def hidden(self, hidden_states: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
         """Each head's residual-block output before the vocab projection: [num_heads, ..., hidden]."""
         outs = []
-        for head in self.heads:
+        for head in self.heads[:num_heads]:
             x = hidden_states
             for block in head[: self.num_layers]:
                 x = block(x)
             outs.append(x)
         return torch.stack(outs)
 
-    def forward(self, hidden_states: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
-        """Logits of every head: [num_heads, ..., vocab]. `lm_head` (the base's) is needed for shared heads."""
+    def forward(
+        self, hidden_states: torch.Tensor, lm_head: nn.Module | None = None, num_heads: int | None = None
+    ) -> torch.Tensor:
+        """Logits of the first `num_heads` heads (all by default): [num_heads, ..., vocab].
+
+        `lm_head` (the base's) is needed for shared heads.
+        """
+        if num_heads == 0:
+            return hidden_states.new_zeros((0, *hidden_states.shape[:-1], self.config.vocab_size))
         if self.head_type == "shared_lm_head":
             if lm_head is None:
                 raise ValueError("shared_lm_head heads need the base model's lm_head: call heads(hidden, lm_head)")
-            return lm_head(self.hidden(hidden_states))
-        return torch.stack([head(hidden_states) for head in self.heads])
+            return lm_head(self.hidden(hidden_states, num_heads))
+        return torch.stack([head(hidden_states) for head in self.heads[:num_heads]])
 
     # ------------------------------------------------------------------------------------------------------------------
     # Hugging Face style save / load

@@ -100,9 +100,9 @@ class MedusaModel(nn.Module):
         medusa_logits = self.medusa_logits(hidden) if with_medusa else None
         return MedusaOutput(self.base_logits(hidden), medusa_logits, hidden, cache)
 
-    def medusa_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The heads' logits [num_heads, ..., V] on given last hidden states."""
-        return self.heads(hidden_states, self.base.get_output_embeddings())
+    def medusa_logits(self, hidden_states: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
+        """The first `num_heads` heads' logits [num_heads, ..., V] (all by default) on given last hidden states."""
+        return self.heads(hidden_states, self.base.get_output_embeddings(), num_heads)
 
 
 def load_heads(path: str | Path) -> MedusaHeads:
