@@ -117,3 +117,30 @@ def test_verify_stage(smol_heads, tmp_path):
     assert validate_report(data) == [] and data["verdict"]["exit_code"] == 0
     assert data["settings"]["tree"]["name"] == "tuned" and data["settings"]["tree"]["num_nodes"] == 4
     assert ET.parse(out / "junit.xml").getroot().find("testsuite").get("tests") == "1"
+
+
+def test_sampling_check_through_the_cli(tmp_path, capsys):
+    """`--sampling` runs the distribution test: the lossless sampler passes; a bad spec is a usage error (exit 2)."""
+    import torch
+    from train_helpers import tiny_model_dir
+
+    model_dir = tiny_model_dir(tmp_path / "model")
+    base = load_base_model(str(model_dir))[0]
+    with torch.no_grad():  # a random init is nearly uniform; a peaked one gives the chi-square test categories
+        base.lm_head.weight.mul_(8)
+    base.save_pretrained(model_dir)
+    heads = MedusaHeads(64, 258, 2)
+    with torch.no_grad():
+        heads.init_from_lm_head(base.lm_head.weight)
+    heads.save_pretrained(tmp_path / "heads")
+    common = ["--base", str(model_dir), "--heads", str(tmp_path / "heads"), "--prompts", "builtin", "--num-prompts", "1",
+              "--no-progress", "--tree", "chain-2"]  # fmt: skip
+    assert main([*common, "--sampling", "temperature=lots"]) == 2
+    assert "temperature" in capsys.readouterr().err
+    report = tmp_path / "sampling.json"
+    code = main([*common, "--sampling", "temperature=1.0", "--samples", "300", "--sampling-tokens", "1",
+                 "--report", str(report)])  # fmt: skip
+    out = capsys.readouterr().out
+    result = json.loads(report.read_text())["sampling_check"]
+    assert code == (0 if result["passed"] else 1) and "p" in out
+    assert result["passed"], out

@@ -80,11 +80,18 @@ def attn_inputs(attn: str, buffers: TreeBuffers, prefix_len: int, dtype: torch.d
     return {"attention_mask": tree_attention_mask(buffers, prefix_len, dtype)}
 
 
-def prefill(model: MedusaModel, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the prompt; return the root (the base's greedy next token, [1]) and the heads' logits [num_heads, V]."""
+def prefill(
+    model: MedusaModel, input_ids: torch.Tensor, cache: Any, num_heads: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the prompt; return the root (the base's greedy next token, [1]) and the heads' logits [num_heads, V].
+
+    Only the first `num_heads` heads run (the tree's depth): deeper heads would cost a vocab projection each for
+    candidates the tree never uses.
+    """
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-    out = model(input_ids, position_ids=positions, cache=cache, logits_to_keep=1)
-    return out.logits[0, -1].argmax(-1, keepdim=True), out.medusa_logits[:, 0, -1]
+    out = model(input_ids, position_ids=positions, cache=cache, logits_to_keep=1, with_medusa=False)
+    hidden = out.hidden_states[0, -1]
+    return out.logits[0, -1].argmax(-1, keepdim=True), model.medusa_logits(hidden, num_heads)
 
 
 def propose(root: torch.Tensor, medusa_logits: torch.Tensor, tree: MedusaTree, buffers: TreeBuffers) -> torch.Tensor:
@@ -207,18 +214,32 @@ def medusa_generate(
     eos_token_id: int | list[int] | None = None,
     streamer: Any = None,
     attn_implementation: str | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> MedusaGenerateOutput:
     """Greedy Medusa decoding, token-identical to `model.base.generate(do_sample=False, max_new_tokens=...)`.
+
+    Every prompt token is attended to, as `generate(input_ids, attention_mask=ones)` does. (Without a mask,
+    generate() treats prompt tokens equal to the pad id as padding; chat models whose pad id is their end-of-turn
+    token, like SmolLM2, then decode a different text.)
 
     `tree`: a MedusaTree, a preset name (`chain-N`, `mc_sim_7b_63`), a tree.json path, a list of paths, or None
     (a chain over all heads). `eos_token_id`: an id or a list; None uses the model's generation config (as
     `generate()` does when it is not given); `[]` never stops early. `streamer`: a transformers streamer; it gets the prompt, then tokens as they are
     accepted. `attn_implementation`: sdpa | eager | medusa_flash_decoding (default: the model's current one).
+
+    Batch > 1: pass padded `input_ids` [B, L] and `attention_mask` [B, L] (left or right padding); the result is
+    `medusa_toolkit.batched.BatchGenerateOutput` (`.sequences` right-padded, `.lengths`, per-row `.accept_lengths`).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"medusa_generate takes one prompt at a time (batch 1), got a batch of {input_ids.shape[0]}")
+    if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.bool().all())):
+        if streamer is not None:
+            raise ValueError("a streamer takes one sequence: stream batch-1 calls, or pass streamer=None for a batch")
+        from medusa_toolkit.batched import medusa_generate_batch
+
+        return medusa_generate_batch(
+            model, input_ids, attention_mask, max_new_tokens, tree, eos_token_id, attn_implementation
+        )
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty: medusa_generate needs at least one input token")
     if max_new_tokens < 1:
@@ -232,7 +253,7 @@ def medusa_generate(
     with use_attention(model, attn_implementation) as attn:
         start = time.perf_counter()
         cache = DynamicCache(config=model.base.config)
-        root, medusa_logits = prefill(model, input_ids, cache)
+        root, medusa_logits = prefill(model, input_ids, cache, tree.depth)
         prefill_time = time.perf_counter() - start
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -258,7 +279,7 @@ def medusa_generate(
             produced += emitted.numel()
             if streamer is not None:
                 streamer.put(emitted.cpu())
-            root, medusa_logits = step.emitted[-1:], model.medusa_logits(hidden[step.accepted_nodes[-1]])
+            root, medusa_logits = step.emitted[-1:], model.medusa_logits(hidden[step.accepted_nodes[-1]], tree.depth)
 
         if streamer is not None:
             streamer.end()

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tie-tolerance", type=float, default=None, help="logit gap counted as a tie (default per dtype)")
     p.add_argument("--no-progress", action="store_true")
+    from medusa_toolkit.verify.distribution import add_sampling_arguments
+
+    add_sampling_arguments(p)  # --sampling temperature=0.8,top_p=0.95 --samples N: the lossless-sampling check
     return p
 
 
@@ -85,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         tree = MedusaTree.resolve(args.tree, heads.num_heads)
         base, tokenizer = load_base_model(args.base, dtype=args.dtype, device=args.device, attn_implementation="sdpa")
         model = MedusaModel(base, heads, tokenizer)
+        if args.sampling:  # distribution test of Medusa sampling instead of the greedy token-identity check
+            from medusa_toolkit.verify.distribution import run_sampling_cli
+
+            return run_sampling_cli(args, model, tokenizer, prompts)
         report = verify_heads(
             model, tokenizer, prompts, tree=tree, max_new_tokens=args.max_new_tokens, attn_implementation=args.attn,
             tie_tolerance=args.tie_tolerance, strict=args.strict, min_accept_length=args.min_accept_length,

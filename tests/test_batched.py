@@ -1,0 +1,101 @@
+"""Batched greedy Medusa decoding: every row must equal that prompt's own greedy decoding, token for token."""
+
+import pytest
+import torch
+from tiny import fit_heads, greedy_corpus, tiny_base
+
+from medusa_toolkit import MedusaModel, medusa_generate
+from medusa_toolkit.batched import BatchGenerateOutput, medusa_generate_batch
+from medusa_toolkit.kernels.hf_attention import BACKEND_ENV
+
+BRANCHING = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]
+NEW = 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: thread hand-offs cost more than they save (60x slower fitting on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(one_thread):
+    base = tiny_base("llama", seed=1)
+    model = MedusaModel(base, fit_heads(base, num_heads=4, steps=120, seed=1))
+    corpus = greedy_corpus(base, seed=1)
+    g = torch.Generator().manual_seed(7)
+    # Very different lengths; corpus prefixes get long accepted paths, random prompts mostly rejections.
+    prompts = [corpus[0, :4], torch.randint(0, 256, (45,), generator=g), torch.randint(0, 256, (1,), generator=g),
+               corpus[3, :17]]  # fmt: skip
+    refs = [base.generate(p[None], do_sample=False, max_new_tokens=NEW)[0] for p in prompts]
+    return model, prompts, refs
+
+
+def pad(prompts, side, pad_id=0):
+    length = max(p.numel() for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        span = slice(length - p.numel(), length) if side == "left" else slice(0, p.numel())
+        ids[i, span], mask[i, span] = p, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize(
+    "attn,side,tree",
+    [("sdpa", "left", BRANCHING), ("sdpa", "right", "chain-4"), ("medusa_flash_decoding", "left", "chain-4"),
+     ("medusa_flash_decoding", "right", BRANCHING), ("eager", "right", "mc_sim_7b_63")],
+)  # fmt: skip
+def test_batch_equals_per_prompt_greedy(setup, monkeypatch, attn, side, tree):
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    model, prompts, refs = setup
+    ids, mask = pad(prompts, side, pad_id=7)  # a real token id as padding: only the mask may hide it
+    out = medusa_generate_batch(model, ids, mask, NEW, tree=tree, attn_implementation=attn)
+    for b, (row, ref) in enumerate(zip(out.rows(), refs)):
+        assert torch.equal(row, ref), f"row {b} (prompt length {prompts[b].numel()}) diverged"
+    assert out.new_tokens == [NEW] * len(prompts)
+    assert all(sum(a) + 1 == NEW for a in out.accept_lengths)
+    # Rows accept different numbers of tokens per step (the point of per-row cache lengths), and the heads helped.
+    assert len(set(out.steps)) > 1 and max(max(a) for a in out.accept_lengths) >= 3
+
+
+def test_finished_rows_leave_the_batch_and_eos(setup):
+    model, prompts, refs = setup
+    eos = int(refs[0][prompts[0].numel() + 5])  # row 0 stops at its 6th new token (or earlier)
+    want = [model.base.generate(p[None], do_sample=False, max_new_tokens=NEW, eos_token_id=eos)[0] for p in prompts]
+    batch_sizes = []
+    forward = model.forward
+
+    def spy(input_ids, *args, **kwargs):
+        batch_sizes.append(input_ids.shape[0])
+        return forward(input_ids, *args, **kwargs)
+
+    model.forward = spy
+    try:
+        ids, mask = pad(prompts, "left")
+        out = medusa_generate(model, ids, NEW, tree=BRANCHING, eos_token_id=eos, attention_mask=mask)
+    finally:
+        del model.forward
+    assert isinstance(out, BatchGenerateOutput)
+    for b, (row, ref) in enumerate(zip(out.rows(), want)):
+        assert torch.equal(row, ref), f"row {b} diverged"
+        assert torch.equal(out.sequences[b, : out.lengths[b]], ref)
+        assert (out.sequences[b, out.lengths[b] :] == out.pad_token_id).all()
+    assert batch_sizes[0] == len(prompts) and min(batch_sizes) < len(prompts)  # finished rows stopped costing compute
+    assert batch_sizes == sorted(batch_sizes, reverse=True)
+
+
+def test_batch_one_with_padding_and_bad_input(setup):
+    model, prompts, refs = setup
+    ids, mask = pad([prompts[0], prompts[3]], "left")
+    out = medusa_generate(model, ids[:1], 20, attention_mask=mask[:1])  # left-padded single prompt
+    assert torch.equal(out.rows()[0], refs[0][: prompts[0].numel() + 20])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        medusa_generate_batch(model, ids, torch.tensor([[1] * ids.shape[1], [0] * ids.shape[1]]), 5)
+    with pytest.raises(ValueError, match="attention_mask"):
+        medusa_generate_batch(model, ids, mask[:, 1:], 5)
+    with pytest.raises(ValueError, match="streamer"):
+        medusa_generate(model, ids, 5, attention_mask=mask, streamer=object())
