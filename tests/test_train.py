@@ -89,8 +89,11 @@ def test_resume_equals_uninterrupted(tmp_path, tiny):
 def test_zero_stages_agree_and_teacher_cache_is_exact(tmp_path, tiny):
     """One process, fp32: ZeRO 0/2/3 and the teacher cache must not change the math (2 epochs: cache is used)."""
     ref, _ = _run(tmp_path, tiny, "z0", max_steps=10, deepspeed={"zero_stage": 0})
-    for name, extra in (("z2", {"deepspeed": {"zero_stage": 2}}), ("z3", {"deepspeed": {"zero_stage": 3}}),
-                        ("cache", {"teacher_cache": True})):
+    for name, extra in (
+        ("z2", {"deepspeed": {"zero_stage": 2}}),
+        ("z3", {"deepspeed": {"zero_stage": 3}}),
+        ("cache", {"teacher_cache": True}),
+    ):
         heads, out = _run(tmp_path, tiny, name, max_steps=10, **extra)
         for a, b in zip(ref.state_dict().values(), heads.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
@@ -144,14 +147,30 @@ def test_two_ranks_identical_heads_written_once(tmp_path, tiny):
     raw = base_config(model, max_steps=4, micro_batch_size=4, deepspeed={"zero_stage": 2})
     cfg.write_text(json.dumps(raw))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(ROOT / "tests" / "train_two_ranks.py"), str(cfg), str(tmp_path / "run")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        str(ROOT / "tests" / "train_two_ranks.py"),
+        str(cfg),
+        str(tmp_path / "run"),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     digests = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert digests[0] == digests[1]
-    heads_dir = tmp_path / "run" / "train"
+    heads_dir = tmp_path / "run" / "heads"
     assert json.loads((heads_dir / "training_summary.json").read_text())["world_size"] == 2
     assert res.stdout.count("[train] done") == 1 and res.stdout.count("[data] done") == 1
     assert sorted(p.name for p in heads_dir.iterdir()) == [
-        "accuracy.png", "config.json", "manifest.json", "medusa_lm_head.safetensors", "metrics.jsonl", "training_summary.json"]
+        "accuracy.png",
+        "config.json",
+        "manifest.json",
+        "medusa_lm_head.safetensors",
+        "metrics.jsonl",
+        "training_summary.json",
+    ]

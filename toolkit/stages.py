@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from medusa_toolkit.config import ToolkitConfig
+from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.version import __version__
 
 MANIFEST = "manifest.json"
@@ -35,6 +36,11 @@ class Stage:
     sections: tuple[str, ...]  # config sections whose values are this stage's inputs
     after: tuple[str, ...]  # earlier stages whose artefacts it reads when present (their hashes feed its own)
     requires: tuple[str, ...] = ()  # earlier stages whose artefacts it cannot run without
+    folder: str | None = None  # artefact folder in the run dir when it differs from the stage name
+
+    @property
+    def artefact(self) -> str:
+        return self.folder or self.name
 
     def function(self) -> Callable[[ToolkitConfig, Path, Path], None]:
         module, func = self.target.split(":")
@@ -45,15 +51,30 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage("data", "medusa_toolkit.train.data:run_data", ("model", "data"), ()),
-        Stage("train", "medusa_toolkit.train.trainer:run_train", ("model", "heads", "train"), ("data",), ("data",)),
+        Stage(
+            "train",
+            "medusa_toolkit.train.trainer:run_train",
+            ("model", "heads", "train"),
+            ("data",),
+            ("data",),
+            "heads",
+        ),
         Stage("tree", "medusa_toolkit.verify.tune_tree:run_tree", ("model", "tree"), ("data", "train"), ("train",)),
-        Stage("verify", "medusa_toolkit.verify.verifier:run_verify", ("model", "verify"), ("train", "tree"), ("train",)),
-        Stage("export", "medusa_toolkit.export.stage:run_export", ("model", "export"), ("train", "tree", "verify"), ("train",)),
+        Stage(
+            "verify", "medusa_toolkit.verify.verifier:run_verify", ("model", "verify"), ("train", "tree"), ("train",)
+        ),
+        Stage(
+            "export",
+            "medusa_toolkit.export.stage:run_export",
+            ("model", "export"),
+            ("train", "tree", "verify"),
+            ("train",),
+        ),
     )
 }
 
 
-class StageError(RuntimeError):
+class StageError(ToolkitError, RuntimeError):
     """A stage cannot run (e.g. an earlier artefact is missing); the message says which stage to run first."""
 
 
@@ -87,7 +108,7 @@ def input_hash(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> str:
         cfg_dict[section].pop(key, None)
     upstream = {}
     for name in stage.after:
-        manifest = read_manifest(run_dir / name)
+        manifest = read_manifest(run_dir / STAGES[name].artefact)
         upstream[name] = manifest["input_hash"] if manifest else None
     payload = {
         "stage": stage.name,
@@ -99,23 +120,23 @@ def input_hash(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> str:
 
 
 def is_cached(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> bool:
-    manifest = read_manifest(run_dir / stage.name)
+    manifest = read_manifest(run_dir / stage.artefact)
     return manifest is not None and manifest.get("input_hash") == input_hash(cfg, stage, run_dir)
 
 
 def run_stage(cfg: ToolkitConfig, name: str, run_dir: str | Path, force: bool = False, log: Callable = print) -> Path:
-    """Run one stage (or reuse its artefact); return the artefact folder `run_dir/name`."""
+    """Run one stage (or reuse its artefact); return its artefact folder (`run_dir/name`; `run_dir/heads` for train)."""
     if name not in STAGES:
         raise StageError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
     stage = STAGES[name]
     run_dir = Path(run_dir)
-    final = run_dir / name
+    final = run_dir / stage.artefact
     if not force and is_cached(cfg, stage, run_dir):
         if _rank() == 0:
             log(f"[{name}] cached: {final}")
         return final
     for dep in stage.requires:
-        if read_manifest(run_dir / dep) is None:
+        if read_manifest(run_dir / STAGES[dep].artefact) is None:
             raise StageError(f"stage '{name}' needs the '{dep}' artefact in {run_dir}; run stage '{dep}' first")
     digest = input_hash(cfg, stage, run_dir)
     # Same name on every rank (no mkdtemp): ranks may all write their share into it.
@@ -129,7 +150,12 @@ def run_stage(cfg: ToolkitConfig, name: str, run_dir: str | Path, force: bool = 
     stage.function()(cfg, run_dir, tmp)
     _barrier()
     if _rank() == 0:
-        manifest = {"stage": name, "input_hash": digest, "toolkit_version": __version__, "wall_time_s": time.time() - start}
+        manifest = {
+            "stage": name,
+            "input_hash": digest,
+            "toolkit_version": __version__,
+            "wall_time_s": time.time() - start,
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)

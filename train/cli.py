@@ -14,10 +14,18 @@ EXIT_CONFIG = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="medusa-train", description="Self-distill Medusa heads (data -> train -> tree -> verify -> export).")
+    p = argparse.ArgumentParser(
+        prog="medusa-train", description="Self-distill Medusa heads (data -> train -> tree -> verify -> export)."
+    )
     p.add_argument("config", help="YAML config, e.g. configs/smollm2-135m.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.max_steps=100 (repeatable)",
+    )
     p.add_argument("--stages", help="comma-separated stages to run (default: the config's `stages`), e.g. data,train")
     p.add_argument("--output-dir", help="run directory (default: the config's output_dir)")
     p.add_argument("--resume", action="store_true", help="continue training from the latest checkpoint")
@@ -32,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from medusa_toolkit.config import ConfigError, load_config
-    from medusa_toolkit.stages import STAGES, StageError, run_pipeline
+    from medusa_toolkit.stages import STAGES, run_pipeline
 
     overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
     try:
@@ -47,18 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_dir:
         cfg.output_dir = args.output_dir
 
-    from medusa_toolkit.models import ModelLoadError
+    from medusa_toolkit.errors import ToolkitError
+    from medusa_toolkit.summary import pipeline_summary
     from medusa_toolkit.train import distributed as D
-    from medusa_toolkit.train.data import DataError
-    from medusa_toolkit.train.trainer import TrainError
 
     D.init_distributed()
     log = print if D.is_main() else (lambda *a, **k: None)
     try:
         run_pipeline(cfg, cfg.output_dir, stages, force=args.force, log=log)
-    except (StageError, ModelLoadError, DataError, TrainError) as e:
+    except ToolkitError as e:  # expected failures (bad input, missing artefacts, refused push): one clear message
         print(f"medusa-train: {e}", file=sys.stderr)
         return 1
+    log(pipeline_summary(cfg.output_dir))
     return 0
 
 
