@@ -78,3 +78,15 @@ def test_readme_documents_every_config_key():
 
     missing = [k for k in keys(ToolkitConfig()) if f"`{k}`" not in readme]
     assert not missing, f"README.md's config reference lacks: {missing}"
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    configs = sorted((root / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        cfg = load_config(path)
+        if cfg.train.deepspeed.config_file:
+            assert (root / cfg.train.deepspeed.config_file).is_file(), path
