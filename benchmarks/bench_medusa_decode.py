@@ -27,8 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", default="smollm2-135m-instruct")
     p.add_argument("--heads", default=None, help=f"heads folder (default {DEMO_RUN}/heads)")
-    p.add_argument("--fresh-heads", action="store_true", help="use untrained heads (init from lm_head) to test the script")
-    p.add_argument("--tree", default=None, help=f"tuned tree.json (default {DEMO_RUN}/tree/tree.json if present, else tune here)")
+    p.add_argument(
+        "--fresh-heads", action="store_true", help="use untrained heads (init from lm_head) to test the script"
+    )
+    p.add_argument(
+        "--tree", default=None, help=f"tuned tree.json (default {DEMO_RUN}/tree/tree.json if present, else tune here)"
+    )
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--calibration-prompts", type=int, default=24)
@@ -70,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     texts = load_prompts("chitchat", split="heldout", num=args.calibration_prompts + args.num_prompts)
     ids = prompt_token_ids(tok, texts, True, None, 512)
     calib_ids, bench_ids = ids[: args.calibration_prompts], ids[args.calibration_prompts :]
-    tree_file = Path(args.tree) if args.tree else (DEMO_RUN / "tree" / "tree.json" if not args.fresh_heads and not args.heads else None)
+    tree_file = (
+        Path(args.tree)
+        if args.tree
+        else (DEMO_RUN / "tree" / "tree.json" if not args.fresh_heads and not args.heads else None)
+    )
     if tree_file is not None and tree_file.is_file():
         tuned = MedusaTree.from_file(tree_file)
         source = str(tree_file)
@@ -96,12 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name(model.device),
         "base": args.base,
         "heads": heads_name,
-        "tuned_tree": {"source": source, "nodes": tuned.num_nodes, "depth": tuned.depth, "paths": [list(q) for q in tuned.paths]},
+        "tuned_tree": {
+            "source": source,
+            "nodes": tuned.num_nodes,
+            "depth": tuned.depth,
+            "paths": [list(q) for q in tuned.paths],
+        },
         "num_prompts": len(bench_ids),
         "max_new_tokens": args.max_new_tokens,
         "results": results,
     }
-    print(f"\n{summary['device']} | base {args.base} | heads {heads_name} | tuned tree: {tuned.num_nodes} nodes ({source})")
+    print(
+        f"\n{summary['device']} | base {args.base} | heads {heads_name} | tuned tree: {tuned.num_nodes} nodes ({source})"
+    )
     print(format_results(results, notes))
     tps = {k: v["tokens_per_second"] for k, v in results.items()}
     print(f"\ntuned / base greedy:   {tps['tuned'] / tps['base_greedy']:.2f}x   (goal >= 1.5x)")

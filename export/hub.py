@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from medusa_toolkit.errors import ToolkitError
+
 T = TypeVar("T")
 _TRANSPORT_ERRORS = {"TransportError", "NetworkError", "ConnectError", "TimeoutException", "RemoteProtocolError"}
 
 
-class HubPushError(RuntimeError):
+class HubPushError(ToolkitError, RuntimeError):
     """A push failed for a reason the user must fix (auth, permissions, missing repo); the message says how."""
 
 

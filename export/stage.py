@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from medusa_toolkit.config import ToolkitConfig
+from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.export.hub import HubPushError, PushResult, push_folder
 from medusa_toolkit.export.model_card import verification_verdict
 from medusa_toolkit.export.package import ExportInputs, export_packages, repo_ids_for, resolve_formats
@@ -18,7 +19,7 @@ from medusa_toolkit.heads import HeadsLoadError, MedusaHeads
 from medusa_toolkit.medusa_model import load_heads
 
 
-class ExportError(RuntimeError):
+class ExportError(ToolkitError, RuntimeError):
     """The export cannot go ahead (e.g. unverified heads for a push); the message says what to do."""
 
 

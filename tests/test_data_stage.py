@@ -45,8 +45,10 @@ def test_data_is_the_base_greedy_output_with_masks(tmp_path, model_dir):
     assert row["input_ids"][: row["prompt_length"]] == prompt
     assert row["loss_mask"] == [0] * len(prompt) + [1] * (len(row["input_ids"]) - len(prompt))
     # The response is exactly the base's greedy continuation of that prompt alone (no padding effects).
-    single = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, pad_token_id=0)[0, len(prompt):]
-    assert row["input_ids"][len(prompt):] == single.tolist()[: len(row["input_ids"]) - len(prompt)]
+    single = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, pad_token_id=0)[
+        0, len(prompt) :
+    ]
+    assert row["input_ids"][len(prompt) :] == single.tolist()[: len(row["input_ids"]) - len(prompt)]
 
 
 def test_cached_then_resumed_after_interruption(tmp_path, model_dir, monkeypatch, capsys):

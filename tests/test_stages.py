@@ -21,7 +21,9 @@ def fake_stages(monkeypatch):
         "train": stages.Stage("train", "x:z", ("model", "heads", "train"), ("data",), ("data",)),
     }
     monkeypatch.setattr(stages, "STAGES", registry)
-    monkeypatch.setattr(stages.Stage, "function", lambda self: {"data": data, "train": lambda c, r, o: calls.append("train")}[self.name])
+    monkeypatch.setattr(
+        stages.Stage, "function", lambda self: {"data": data, "train": lambda c, r, o: calls.append("train")}[self.name]
+    )
     return calls
 
 
@@ -31,7 +33,9 @@ def test_cache_and_invalidation(tmp_path, fake_stages):
     stages.run_pipeline(cfg, tmp_path, ["data", "train"])
     assert fake_stages == ["data", "train"]  # second run fully cached
     assert (tmp_path / "data" / "rows.txt").read_text() == "5" and (tmp_path / "config.resolved.yaml").is_file()
-    stages.run_pipeline(config_from_dict({"data": {"num_prompts": 5}, "train": {"resume": True}}), tmp_path, ["data", "train"])
+    stages.run_pipeline(
+        config_from_dict({"data": {"num_prompts": 5}, "train": {"resume": True}}), tmp_path, ["data", "train"]
+    )
     assert fake_stages == ["data", "train"]  # resume changes how, not what: still cached
     stages.run_pipeline(config_from_dict({"data": {"num_prompts": 6}}), tmp_path, ["data", "train"])
     assert fake_stages == ["data", "train", "data", "train"]  # new data invalidates data and everything after it

@@ -42,8 +42,15 @@ def tiny_model_dir(path: Path, seed: int = 0, chat_template: bool = True, max_po
     return Path(path)
 
 
-def write_permutation_data(run_dir: Path, num: int = 48, new: int = 40, heldout: int = 8, seed: int = 0,
-                           prompt_len: int = 4, alphabet: int = 64) -> torch.Tensor:
+def write_permutation_data(
+    run_dir: Path,
+    num: int = 48,
+    new: int = 40,
+    heldout: int = 8,
+    seed: int = 0,
+    prompt_len: int = 4,
+    alphabet: int = 64,
+) -> torch.Tensor:
     """Write a data artefact whose future is predictable: x[t+1] = perm(x[t]) for a fixed random permutation.
 
     Token t+2 is perm(perm(x[t])), a function of the current token alone, so held-out rows (other start tokens) are
@@ -73,9 +80,24 @@ def base_config(model_dir: Path, **train) -> dict:
     return {
         "model": {"name_or_path": str(model_dir)},
         "heads": {"num_heads": 2, "head_type": "per_head_lm_head"},
-        "data": {"source": "builtin", "num_prompts": 8, "max_new_tokens": 24, "batch_size": 4, "shard_size": 3,
-                 "eval_fraction": 0.25, "max_prompt_tokens": 64},
-        "train": {"micro_batch_size": 8, "learning_rate": 3e-3, "warmup_ratio": 0.0, "max_steps": 10,
-                  "log_every": 5, "eval_every": 10, "checkpoint_every": 1000, **train},
+        "data": {
+            "source": "builtin",
+            "num_prompts": 8,
+            "max_new_tokens": 24,
+            "batch_size": 4,
+            "shard_size": 3,
+            "eval_fraction": 0.25,
+            "max_prompt_tokens": 64,
+        },
+        "train": {
+            "micro_batch_size": 8,
+            "learning_rate": 3e-3,
+            "warmup_ratio": 0.0,
+            "max_steps": 10,
+            "log_every": 5,
+            "eval_every": 10,
+            "checkpoint_every": 1000,
+            **train,
+        },
         "logging": {"wandb_mode": "disabled", "progress": False},
     }

@@ -25,5 +25,9 @@ def recording_train(*args, **kwargs):
 
 trainer.train = recording_train
 D.init_distributed()
-run_pipeline(config_from_dict(json.loads(cfg_path.read_text())), run_dir, ["data", "train"],
-             log=print if D.is_main() else (lambda *a: None))
+run_pipeline(
+    config_from_dict(json.loads(cfg_path.read_text())),
+    run_dir,
+    ["data", "train"],
+    log=print if D.is_main() else (lambda *a: None),
+)

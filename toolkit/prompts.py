@@ -11,6 +11,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from medusa_toolkit.errors import ToolkitError
+
 # A small fixed set for smoke tests and `--prompts builtin`.
 BUILTIN_PROMPTS = [
     "What is the capital of France?",
@@ -25,7 +27,7 @@ BUILTIN_PROMPTS = [
 HELDOUT_FRACTION = 0.1
 
 
-class PromptError(ValueError):
+class PromptError(ToolkitError, ValueError):
     """Prompts could not be loaded; the message names the source and the fix."""
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from medusa_toolkit.errors import ToolkitError
+
 # Upstream Medusa's default tree (medusa_choices.mc_sim_7b_63, 63 paths, depth 4, top-10), kept for comparisons.
 MC_SIM_7B_63 = [
     [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0], [0, 5], [0, 0, 1],
@@ -25,7 +27,7 @@ MC_SIM_7B_63 = [
 ]  # fmt: skip
 
 
-class TreeError(ValueError):
+class TreeError(ToolkitError, ValueError):
     """A tree specification is invalid; the message names the offending path."""
 
 

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medusa_toolkit.config import ToolkitConfig
+from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.models import load_base_model
 from medusa_toolkit.prompts import PromptError, load_prompts, render_prompt
 from medusa_toolkit.train import distributed as D
@@ -29,7 +30,7 @@ from medusa_toolkit.train import distributed as D
 SUMMARY = "data_summary.json"
 
 
-class DataError(ValueError):
+class DataError(ToolkitError, ValueError):
     """The data stage cannot produce training data; the message names the problem and the fix."""
 
 
@@ -139,7 +140,9 @@ def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
 
     start = time.time()
     prompts = get_prompts(cfg)  # before loading the model: a bad source fails fast
-    model, tokenizer = load_base_model(cfg.model.name_or_path, cfg.model.dtype, D.device() if cfg.model.device is None else cfg.model.device)
+    model, tokenizer = load_base_model(
+        cfg.model.name_or_path, cfg.model.dtype, D.device() if cfg.model.device is None else cfg.model.device
+    )
     context = getattr(model.config, "max_position_embeddings", None) or 10**9
     ids, skipped = tokenize_prompts(cfg, tokenizer, prompts, context)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -179,14 +182,28 @@ def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     D.barrier()
 
 
-def _merge(cfg, parts: Path, num_shards: int, out_dir: Path, skipped: dict, num_prompts: int, tokens: int, gen_time: float, start: float):
+def _merge(
+    cfg,
+    parts: Path,
+    num_shards: int,
+    out_dir: Path,
+    skipped: dict,
+    num_prompts: int,
+    tokens: int,
+    gen_time: float,
+    start: float,
+):
     import datasets
 
     shards = [datasets.load_from_disk(str(parts / f"shard-{s:05d}")) for s in range(num_shards)]
-    empty = sum(json.loads((parts / f"shard-{s:05d}" / "skipped_empty.json").read_text())["empty"] for s in range(num_shards))
+    empty = sum(
+        json.loads((parts / f"shard-{s:05d}" / "skipped_empty.json").read_text())["empty"] for s in range(num_shards)
+    )
     ds = datasets.concatenate_datasets([s for s in shards if len(s)]) if any(len(s) for s in shards) else None
     if ds is None or len(ds) == 0:
-        raise DataError("data stage: the base model produced no response tokens for any prompt; check the prompts and data.max_new_tokens")
+        raise DataError(
+            "data stage: the base model produced no response tokens for any prompt; check the prompts and data.max_new_tokens"
+        )
     # Deterministic held-out split by a seeded permutation of rows.
     n_eval = int(round(len(ds) * cfg.data.eval_fraction))
     if cfg.data.eval_fraction > 0 and len(ds) >= 2:
@@ -213,8 +230,10 @@ def _merge(cfg, parts: Path, num_shards: int, out_dir: Path, skipped: dict, num_
     (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     sk = summary["skipped"]
     if any(sk.values()):
-        print(f"[data] skipped {sk['prompt_too_long']} prompt(s) longer than the limit, {sk['empty_prompt']} empty prompt(s), "
-              f"{sk['empty_response']} empty response(s); see data/{SUMMARY}")
+        print(
+            f"[data] skipped {sk['prompt_too_long']} prompt(s) longer than the limit, {sk['empty_prompt']} empty prompt(s), "
+            f"{sk['empty_response']} empty response(s); see data/{SUMMARY}"
+        )
     print(f"[data] {len(ds)} sequences ({n_eval} held out), {summary['tokens']} tokens")
 
 

@@ -85,7 +85,9 @@ class MedusaObjective(nn.Module):
             if self.loss == "ce":
                 loss = F.cross_entropy(logits, target)
             else:
-                teacher = self.base_logits(hidden[:, shift - 1 : T - 1][mask]).float()  # base's guess for the same token
+                teacher = self.base_logits(
+                    hidden[:, shift - 1 : T - 1][mask]
+                ).float()  # base's guess for the same token
                 loss = kl_loss(logits, teacher, self.kl_temperature, self.kl_top_k)
             total = total + self.weights[k] * loss
             with torch.no_grad():
@@ -97,7 +99,9 @@ class MedusaObjective(nn.Module):
         return total, stats
 
 
-def kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+def kl_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, top_k: int | None = None
+) -> torch.Tensor:
     """KL(teacher || student) per position, averaged; with top_k the teacher keeps only its k best tokens (renormalised).
 
     Scaled by temperature**2 (Hinton) so the gradient size does not depend on the temperature.

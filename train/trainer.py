@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medusa_toolkit.config import ToolkitConfig
+from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.heads import MedusaHeads
 from medusa_toolkit.models import load_base_model
 from medusa_toolkit.train import distributed as D
@@ -31,7 +32,7 @@ SUMMARY = "training_summary.json"
 KEEP_CHECKPOINTS = 2
 
 
-class TrainError(ValueError):
+class TrainError(ToolkitError, ValueError):
     """Training cannot start (bad DeepSpeed file, incompatible checkpoint, ...); the message says what to do."""
 
 
@@ -206,8 +207,12 @@ def _wandb(cfg: ToolkitConfig, run_dir: Path, chash: str):
     import wandb
 
     run = wandb.init(
-        project=cfg.logging.wandb_project, name=cfg.logging.run_name or f"medusa-{chash}", mode=mode,
-        dir=str(run_dir), config=asdict(cfg), reinit="finish_previous",
+        project=cfg.logging.wandb_project,
+        name=cfg.logging.run_name or f"medusa-{chash}",
+        mode=mode,
+        dir=str(run_dir),
+        config=asdict(cfg),
+        reinit="finish_previous",
     )
     run.define_metric("step")
     run.define_metric("*", step_metric="step")
@@ -219,7 +224,9 @@ def _metrics(stats: torch.Tensor, prefix: str) -> dict[str, float]:
     out = {}
     for k, (loss, n, c1, c5) in enumerate(stats.tolist()):
         n = max(n, 1)
-        out.update({f"{prefix}/head{k}/loss": loss / n, f"{prefix}/head{k}/top1": c1 / n, f"{prefix}/head{k}/top5": c5 / n})
+        out.update(
+            {f"{prefix}/head{k}/loss": loss / n, f"{prefix}/head{k}/top1": c1 / n, f"{prefix}/head{k}/top5": c5 / n}
+        )
     return out
 
 
@@ -261,11 +268,20 @@ def train(cfg: ToolkitConfig, run_dir: Path, out_dir: Path | None, stop_at: int 
     heads = build_heads(cfg, base)
     lm_head = base.get_output_embeddings().weight
     objective = MedusaObjective(
-        heads, lm_head, t.loss, t.head_weight_decay, t.kl_temperature, t.kl_top_k,
+        heads,
+        lm_head,
+        t.loss,
+        t.head_weight_decay,
+        t.kl_temperature,
+        t.kl_top_k,
         getattr(base.config, "final_logit_softcapping", None),
     )
 
-    micro, accum, world = t.micro_batch_size, ds_config.get("gradient_accumulation_steps", t.gradient_accumulation_steps), D.world_size()
+    micro, accum, world = (
+        t.micro_batch_size,
+        ds_config.get("gradient_accumulation_steps", t.gradient_accumulation_steps),
+        D.world_size(),
+    )
     if "train_batch_size" in ds_config:
         micro = ds_config.get("train_micro_batch_size_per_gpu", micro)
         accum = ds_config["train_batch_size"] // (micro * world)
@@ -276,7 +292,9 @@ def train(cfg: ToolkitConfig, run_dir: Path, out_dir: Path | None, stop_at: int 
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.9, 0.95))
         if "scheduler" not in ds_config:
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, t.warmup_ratio, t.min_lr_ratio))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lr_lambda(total_steps, t.warmup_ratio, t.min_lr_ratio)
+            )
     engine, *_ = deepspeed.initialize(
         model=objective, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
@@ -296,8 +314,13 @@ def train(cfg: ToolkitConfig, run_dir: Path, out_dir: Path | None, stop_at: int 
     teacher = Teacher(base, t.teacher_cache)
     run = _wandb(cfg, run_dir, chash)
     history: list[dict] = []
-    bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="train",
-               disable=not D.is_main() or not cfg.logging.progress)
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        unit="step",
+        desc="train",
+        disable=not D.is_main() or not cfg.logging.progress,
+    )
     window_stats, window_tokens, window_start = None, 0, time.time()
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
@@ -319,20 +342,34 @@ def train(cfg: ToolkitConfig, run_dir: Path, out_dir: Path | None, stop_at: int 
             tokens_seen += n_tok
             tok_s = n_tok / max(time.time() - window_start, 1e-9)
             train_metrics = _metrics(agg, "train")
-            row = {"step": done, "tokens": tokens_seen, "tokens_per_s": tok_s, "lr": engine.get_lr()[0], **train_metrics}
+            row = {
+                "step": done,
+                "tokens": tokens_seen,
+                "tokens_per_s": tok_s,
+                "lr": engine.get_lr()[0],
+                **train_metrics,
+            }
             if done % t.eval_every == 0 or done == total_steps:
                 if len(eval_ds):
-                    eval_metrics = _metrics(evaluate(engine, teacher, eval_ds, len(train_ds), micro, t.max_seq_len, device), "eval")
+                    eval_metrics = _metrics(
+                        evaluate(engine, teacher, eval_ds, len(train_ds), micro, t.max_seq_len, device), "eval"
+                    )
                     row.update(eval_metrics)
             history.append(row)
             if run is not None:
                 run.log(row)
-            bar.set_postfix(loss=f"{train_metrics['train/head0/loss']:.3f}", acc0=f"{train_metrics['train/head0/top1']:.2f}",
-                            tok_s=f"{tok_s:.0f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{train_metrics['train/head0/loss']:.3f}",
+                acc0=f"{train_metrics['train/head0/top1']:.2f}",
+                tok_s=f"{tok_s:.0f}",
+                refresh=False,
+            )
             window_stats, window_tokens, window_start = None, 0, time.time()
         bar.update(1)
         if done % t.checkpoint_every == 0 or done == stop_at:
-            save_checkpoint(engine, run_dir, done, {"step": done, "tokens": tokens_seen, "config_hash": chash, "seed": t.seed})
+            save_checkpoint(
+                engine, run_dir, done, {"step": done, "tokens": tokens_seen, "config_hash": chash, "seed": t.seed}
+            )
         if done == stop_at:
             bar.close()
             return heads
@@ -363,7 +400,9 @@ def train(cfg: ToolkitConfig, run_dir: Path, out_dir: Path | None, stop_at: int 
         (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         _plot(history, heads.num_heads, out_dir / "accuracy.png")
         acc = ", ".join(f"{a:.2f}" for a in summary["final_heldout"].get("top1", []))
-        print(f"[train] {total_steps} steps, {tokens_seen} tokens in {summary['wall_time_s']:.0f}s; held-out top-1 per head: {acc}")
+        print(
+            f"[train] {total_steps} steps, {tokens_seen} tokens in {summary['wall_time_s']:.0f}s; held-out top-1 per head: {acc}"
+        )
     if run is not None:
         run.finish()
     D.barrier()
@@ -372,8 +411,14 @@ def train(cfg: ToolkitConfig, run_dir: Path, out_dir: Path | None, stop_at: int 
 
 def _heads_args(heads: MedusaHeads) -> dict:
     c = heads.config
-    return {"hidden_size": c.hidden_size, "vocab_size": c.vocab_size, "num_heads": c.medusa_num_heads,
-            "num_layers": c.medusa_num_layers, "head_type": c.head_type, "base_model_name_or_path": c.base_model_name_or_path}
+    return {
+        "hidden_size": c.hidden_size,
+        "vocab_size": c.vocab_size,
+        "num_heads": c.medusa_num_heads,
+        "num_layers": c.medusa_num_layers,
+        "head_type": c.head_type,
+        "base_model_name_or_path": c.base_model_name_or_path,
+    }
 
 
 def _per_head(metrics: dict[str, float], prefix: str) -> dict[str, list[float]]:
@@ -398,8 +443,13 @@ def _plot(history: list[dict], num_heads: int, path: Path) -> None:
         for k in range(num_heads):
             pts = [(r["step"], r[f"{split}/head{k}/top1"]) for r in history if f"{split}/head{k}/top1" in r]
             if pts:
-                ax.plot(*zip(*pts), ls="-" if split == "eval" else ":", marker="o" if split == "eval" else None,
-                        label=f"{split} head {k}", color=f"C{k}")
+                ax.plot(
+                    *zip(*pts),
+                    ls="-" if split == "eval" else ":",
+                    marker="o" if split == "eval" else None,
+                    label=f"{split} head {k}",
+                    color=f"C{k}",
+                )
     ax.set_xlabel("step")
     ax.set_ylabel("top-1 accuracy")
     ax.set_title("Medusa heads: top-1 accuracy (dotted: train, solid: held-out)")

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.medusa_model import MedusaModel
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ToolkitError, ValueError):
     """Calibration data is missing or unusable; the message says what to pass instead."""
 
 
@@ -71,7 +72,9 @@ def count_paths(ranks: torch.Tensor, top_k: int) -> tuple[dict[tuple[int, ...], 
     return dict(counts), rank_counts
 
 
-def rank_vectors(medusa_logits: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, top_k: int) -> torch.Tensor:
+def rank_vectors(
+    medusa_logits: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, top_k: int
+) -> torch.Tensor:
     """Rank vectors [len(positions), depth] for one sequence.
 
     medusa_logits: [depth, T, V] head logits along the sequence; tokens: [T] the greedy sequence; positions: the t's
@@ -105,7 +108,9 @@ def calibrate_sequences(
     `dropped_positions`).
     """
     if depth > model.num_heads:
-        raise CalibrationError(f"max depth {depth} exceeds the {model.num_heads} heads; use --max-depth <= {model.num_heads}")
+        raise CalibrationError(
+            f"max depth {depth} exceeds the {model.num_heads} heads; use --max-depth <= {model.num_heads}"
+        )
     if depth < 1 or top_k < 1:
         raise CalibrationError(f"need max depth >= 1 and top-k >= 1, got {depth} and {top_k}")
     if len(sequences) == 0:
@@ -141,12 +146,17 @@ def calibrate_sequences(
 
 @torch.inference_mode()
 def greedy_sequences(
-    model: MedusaModel, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | list[int] | None = None,
+    model: MedusaModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_token_id: int | list[int] | None = None,
     progress: bool = True,
 ) -> list[torch.Tensor]:
     """The base's greedy continuation of each prompt (prompt included), one prompt at a time (no padding effects)."""
     if not prompts:
-        raise CalibrationError("no calibration prompts: pass --prompts FILE, --data DIR, or use the held-out chitchat set")
+        raise CalibrationError(
+            "no calibration prompts: pass --prompts FILE, --data DIR, or use the held-out chitchat set"
+        )
     out = []
     gen = model.base.generation_config
     eos = eos_token_id if eos_token_id is not None else gen.eos_token_id

@@ -18,8 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base model: Hub id, local folder, .gguf, or smollm2-135m-instruct")
     p.add_argument("--heads", required=True, help="heads folder (config.json + medusa_lm_head.safetensors) or Hub id")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="data-stage folder (datasets on disk with input_ids/loss_mask; eval split preferred)")
-    src.add_argument("--prompts", help="prompts file (.txt one per line, .jsonl/.json/.parquet/.csv with --prompt-field)")
+    src.add_argument(
+        "--data", help="data-stage folder (datasets on disk with input_ids/loss_mask; eval split preferred)"
+    )
+    src.add_argument(
+        "--prompts", help="prompts file (.txt one per line, .jsonl/.json/.parquet/.csv with --prompt-field)"
+    )
     p.add_argument("--prompt-field", default="prompt", help="field holding the prompt text (default: prompt)")
     p.add_argument("--max-nodes", type=int, default=64, help="largest tree to consider, root included (default 64)")
     p.add_argument("--max-depth", type=int, default=None, help="deepest path (default: the number of heads)")
@@ -27,21 +31,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=("speed", "acceptance"), default="speed")
     p.add_argument("--out", default="tree.json", help="tree.json to write; plots go next to it (default tree.json)")
     p.add_argument("--num-prompts", type=int, default=32, help="calibration prompts/rows (default 32)")
-    p.add_argument("--num-validation-prompts", type=int, default=8, help="prompts decoded to check (0: skip; default 8)")
+    p.add_argument(
+        "--num-validation-prompts", type=int, default=8, help="prompts decoded to check (0: skip; default 8)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
     p.add_argument("--prefix-length", type=int, default=256, help="KV-cache length at which steps are timed")
     p.add_argument("--batch-size", type=int, default=1, help="batch size at which steps are timed (default 1)")
     p.add_argument("--latency-repeats", type=int, default=5, help="timed repeats per budget (median used)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
-    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "medusa_flash_decoding"), help="attention for decoding")
+    p.add_argument(
+        "--attn", default="sdpa", choices=("sdpa", "eager", "medusa_flash_decoding"), help="attention for decoding"
+    )
     p.add_argument("--no-chat-template", action="store_true", help="render prompts as plain text")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("max_nodes", "top_k", "num_prompts", "max_new_tokens", "prefix_length", "batch_size", "latency_repeats"):
+    for name in (
+        "max_nodes",
+        "top_k",
+        "num_prompts",
+        "max_new_tokens",
+        "prefix_length",
+        "batch_size",
+        "latency_repeats",
+    ):
         if getattr(args, name) < 1:
             raise SystemExit(f"medusa-tune-tree: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_validation_prompts < 0:
@@ -82,9 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.data:
             rows = load_eval_rows(args.data, allow_train=True)
             if rows is not None and "no held-out split" in rows[2]:
-                print(f"warning: {rows[2]}: the heads may have trained on these rows; acceptance will look optimistic", file=sys.stderr)
+                print(
+                    f"warning: {rows[2]}: the heads may have trained on these rows; acceptance will look optimistic",
+                    file=sys.stderr,
+                )
         if rows is None:
-            texts = load_prompts(args.prompts, field=args.prompt_field, num=total) if args.prompts else load_prompts("chitchat", split="heldout", num=total)
+            texts = (
+                load_prompts(args.prompts, field=args.prompt_field, num=total)
+                if args.prompts
+                else load_prompts("chitchat", split="heldout", num=total)
+            )
             source = args.prompts or "chitchat held-out prompts"
             prompts = prompt_token_ids(tokenizer, texts, not args.no_chat_template, None, 1024)
         calib, val_prompts, desc = calibrate_and_split(

@@ -35,6 +35,7 @@ from medusa_toolkit.decoding import (
     use_attention,
     verify,
 )
+from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.medusa_model import MedusaModel
 from medusa_toolkit.tree import MedusaTree
 from medusa_toolkit.verify.calibration import Calibration, CalibrationError, calibrate_prompts, calibrate_sequences
@@ -44,7 +45,7 @@ TREE_FILE = "tree.json"
 MAX_STORED_NODES = 256  # joint acceptance table entries kept in tree.json (the most likely paths)
 
 
-class TuneError(ValueError):
+class TuneError(ToolkitError, ValueError):
     """Tree tuning cannot run; the message names the problem and the fix."""
 
 
@@ -127,13 +128,22 @@ def measure_step_times(
     times: dict[int, float] = {}
     with use_attention(model, attn) as attn_name:
         if batch_size > 1 and attn_name == "medusa_flash_decoding":
-            raise TuneError("latency at batch_size > 1 is measured with sdpa/eager only; set model.attn_implementation: sdpa")
+            raise TuneError(
+                "latency at batch_size > 1 is measured with sdpa/eager only; set model.attn_implementation: sdpa"
+            )
         cache = DynamicCache(config=model.base.config)
         root, medusa_logits = prefill(model, prefix[:1], cache) if batch_size == 1 else (None, None)
         if batch_size > 1:
-            model(prefix, position_ids=torch.arange(prefix_length, device=device)[None].expand(batch_size, -1), cache=cache, logits_to_keep=1)
+            model(
+                prefix,
+                position_ids=torch.arange(prefix_length, device=device)[None].expand(batch_size, -1),
+                cache=cache,
+                logits_to_keep=1,
+            )
             root = prefix[0, -1:]
-            medusa_logits = model(prefix[:1, -1:], position_ids=torch.tensor([[prefix_length - 1]], device=device)).medusa_logits[:, 0, -1]
+            medusa_logits = model(
+                prefix[:1, -1:], position_ids=torch.tensor([[prefix_length - 1]], device=device)
+            ).medusa_logits[:, 0, -1]
         bar = tqdm(trees.items(), desc="latency", unit="budget", disable=not progress)
         for n, tree in bar:
             buffers = tree.buffers(device)
@@ -222,7 +232,13 @@ def choose_tree(
         return TuneResult(tree_for_budget(order, top, f"tuned-acceptance-{top}"), top, budgets, curve)
     timed = latency_grid(top, grid)
     measured = measure_step_times(
-        model, {n: tree_for_budget(order, n) for n in timed}, prefix_length, batch_size, attn, repeats, progress=progress
+        model,
+        {n: tree_for_budget(order, n) for n in timed},
+        prefix_length,
+        batch_size,
+        attn,
+        repeats,
+        progress=progress,
     )
     step = np.interp(budgets, timed, [measured[n] for n in timed]).tolist()
     tps = [a / t for a, t in zip(curve, step)]
@@ -235,14 +251,18 @@ def choose_tree(
 
 
 @torch.inference_mode()
-def base_greedy(model: MedusaModel, input_ids: list[int], max_new_tokens: int, eos: set[int]) -> tuple[list[int], float, float]:
+def base_greedy(
+    model: MedusaModel, input_ids: list[int], max_new_tokens: int, eos: set[int]
+) -> tuple[list[int], float, float]:
     """Plain greedy decoding with the base alone: (new tokens, wall s, prefill s). The baseline Medusa must beat."""
     device = model.device
     x = torch.as_tensor(input_ids, device=device)[None]
     cache = DynamicCache(config=model.base.config)
     _sync(device)
     start = time.perf_counter()
-    out = model.base(x, position_ids=torch.arange(x.shape[1], device=device)[None], cache=cache, use_cache=True, logits_to_keep=1)
+    out = model.base(
+        x, position_ids=torch.arange(x.shape[1], device=device)[None], cache=cache, use_cache=True, logits_to_keep=1
+    )
     tok = out.logits[0, -1].argmax()
     _sync(device)
     prefill_time = time.perf_counter() - start
@@ -360,7 +380,9 @@ def tune_and_write(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = choose_tree(model, calib, max_nodes, objective, prefix_length, batch_size, attn, repeats=repeats, progress=progress)
+    result = choose_tree(
+        model, calib, max_nodes, objective, prefix_length, batch_size, attn, repeats=repeats, progress=progress
+    )
     tree = result.tree
     order = greedy_order(calib)
     record: dict[str, Any] = {
@@ -391,7 +413,10 @@ def tune_and_write(
         },
         "acceptance": {
             "head_rank_accuracy": calib.head_accuracy(),
-            "joint": [{"path": list(p), "count": calib.path_counts[p], "p": calib.probability(p)} for p in order[:MAX_STORED_NODES]],
+            "joint": [
+                {"path": list(p), "count": calib.path_counts[p], "p": calib.probability(p)}
+                for p in order[:MAX_STORED_NODES]
+            ],
             "num_nonzero_paths": len(order),
         },
         "calibration": {
@@ -421,7 +446,9 @@ def tune_and_write(
             "results": val,
             "notes": notes,
         }
-        measured_points = {k: (v["nodes"], v["mean_accept_length"], v["decode_tokens_per_second"]) for k, v in val.items()}
+        measured_points = {
+            k: (v["nodes"], v["mean_accept_length"], v["decode_tokens_per_second"]) for k, v in val.items()
+        }
         log(format_validation(record["validation"]))
     else:
         record["validation"] = None
@@ -436,7 +463,9 @@ def tune_and_write(
     tps = result.predicted_tokens_per_second
     log(
         f"tree: {tree.num_nodes} nodes (depth {tree.depth}, top-{tree.top_k}), predicted accepted length "
-        f"{result.predicted_accept_length:.2f}" + (f", predicted {tps:.1f} decode tokens/s" if tps else "") + f" -> {target}"
+        f"{result.predicted_accept_length:.2f}"
+        + (f", predicted {tps:.1f} decode tokens/s" if tps else "")
+        + f" -> {target}"
     )
     return record
 
@@ -475,7 +504,9 @@ def format_results(results: dict[str, dict[str, Any]], notes: list[str] = ()) ->
 EVAL_SPLITS = ("eval", "validation", "test", "heldout")
 
 
-def load_eval_rows(data_dir: str | Path, allow_train: bool = False) -> tuple[list[list[int]], list[list[int]], str] | None:
+def load_eval_rows(
+    data_dir: str | Path, allow_train: bool = False
+) -> tuple[list[list[int]], list[list[int]], str] | None:
     """(sequences, loss masks, description) from the data stage's held-out split, or None when there is none.
 
     Accepts a DatasetDict saved with save_to_disk (split eval/validation/test/heldout) or a sub-folder of that name;
@@ -504,7 +535,9 @@ def load_eval_rows(data_dir: str | Path, allow_train: bool = False) -> tuple[lis
     if ds is None:
         return None
     if len(ds) == 0:
-        raise CalibrationError(f"{where} is empty: no calibration rows; re-run the data stage with data.eval_fraction > 0")
+        raise CalibrationError(
+            f"{where} is empty: no calibration rows; re-run the data stage with data.eval_fraction > 0"
+        )
     if "input_ids" not in ds.column_names:
         raise TuneError(f"{where} has no input_ids column (columns: {', '.join(ds.column_names)})")
     ids = ds["input_ids"]
@@ -520,7 +553,9 @@ def _load_from_disk(path: Path):
     except FileNotFoundError:
         raise TuneError(f"{path} holds no dataset saved with save_to_disk (expected input_ids, loss_mask)") from None
     except IndexError:  # datasets cannot reload a saved dataset with zero rows (no shards)
-        raise CalibrationError(f"{path} is empty: no calibration rows; re-run the data stage with data.eval_fraction > 0") from None
+        raise CalibrationError(
+            f"{path} is empty: no calibration rows; re-run the data stage with data.eval_fraction > 0"
+        ) from None
 
 
 def response_start(mask: list[int]) -> int:
@@ -528,7 +563,9 @@ def response_start(mask: list[int]) -> int:
     return next((i for i, m in enumerate(mask) if m), len(mask))
 
 
-def prompt_token_ids(tokenizer, prompts: list[str], use_chat_template: bool, system_prompt: str | None, max_tokens: int) -> list[list[int]]:
+def prompt_token_ids(
+    tokenizer, prompts: list[str], use_chat_template: bool, system_prompt: str | None, max_tokens: int
+) -> list[list[int]]:
     """Render prompts as decoding sees them (chat template or not), keeping the last `max_tokens` tokens."""
     from medusa_toolkit.prompts import render_prompt
 
@@ -564,7 +601,9 @@ def calibrate_and_split(
         val = [s[:st] for s, st in rest if st > 0][:num_validation]
         return calib, val, f"data rows {where} ({min(num_calibration, len(seqs))} rows)"
     if not prompts:
-        raise CalibrationError(f"no calibration prompts ({prompt_source or 'empty list'}); pass --prompts FILE or --data DIR")
+        raise CalibrationError(
+            f"no calibration prompts ({prompt_source or 'empty list'}); pass --prompts FILE or --data DIR"
+        )
     calib = calibrate_prompts(model, prompts[:num_calibration], max_new_tokens, depth, top_k, progress=progress)
     rest = prompts[num_calibration:] or prompts
     return calib, rest[:num_validation], f"{prompt_source} ({min(num_calibration, len(prompts))} prompts, greedy)"
@@ -599,7 +638,9 @@ def run_tree(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
         tree.metadata = {**tree.metadata, "source": tc.tree}
         tree.save(out_dir / TREE_FILE)
         return
-    base, tokenizer = load_base_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
+    base, tokenizer = load_base_model(
+        cfg.model.name_or_path, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation
+    )
     model = MedusaModel(base, heads, tokenizer)
     depth = resolve_depth(tc.max_depth, model.num_heads)
     rows = load_eval_rows(run_dir / "data") if (run_dir / "data").is_dir() else None
@@ -607,7 +648,9 @@ def run_tree(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     if rows is None:
         total = tc.num_calibration_prompts + tc.num_validation_prompts
         texts = load_prompts("chitchat", split="heldout", num=total)
-        prompts = prompt_token_ids(tokenizer, texts, cfg.data.use_chat_template, cfg.data.system_prompt, cfg.data.max_prompt_tokens)
+        prompts = prompt_token_ids(
+            tokenizer, texts, cfg.data.use_chat_template, cfg.data.system_prompt, cfg.data.max_prompt_tokens
+        )
         source = "chitchat held-out prompts"
     calib, val_prompts, desc = calibrate_and_split(
         model, depth=depth, top_k=tc.top_k, num_calibration=tc.num_calibration_prompts,
@@ -620,4 +663,3 @@ def run_tree(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
         max_new_tokens=tc.calibration_max_new_tokens, calibration_source=desc, repeats=tc.latency_repeats,
         progress=cfg.logging.progress,
     )  # fmt: skip
-
