@@ -159,11 +159,27 @@ def test_min_accept_length_gate(tiny):
     assert decide(report.summary, min_accept_length=1.0)["exit_code"] == 0
 
 
-def test_batch_size_is_noted(tiny):
+def test_batched_medusa_is_verified_against_single_prompt_references(tiny):
     model, prompts = tiny
-    report = run(model, prompts[:1], tree="chain-1", batch_size=4)
-    assert report.exit_code == 0 and report.settings["batch_size"] == 4
-    assert any("one at a time" in n for n in report.notes)
+    report = run(model, [prompts[0], prompts[1][:3], prompts[0][:5]], tree="chain-4", batch_size=2)
+    assert report.exit_code == 0 and report.settings["batch_size"] == 2
+    assert report.summary["mismatches"] == 0 and report.summary["mean_accept_length"] > 1.5
+    assert any("batches of 2" in n for n in report.notes)
+
+
+def test_batched_sabotage_is_caught(tiny, monkeypatch):
+    """A batched decoder that gives every row the first row's positions must fail verification."""
+    from medusa_toolkit import batched
+
+    model, prompts = tiny
+    real = batched.medusa_generate_batch
+
+    def broken(model, input_ids, attention_mask, *args, **kwargs):
+        return real(model, input_ids, torch.ones_like(attention_mask), *args, **kwargs)  # padding treated as text
+
+    monkeypatch.setattr(batched, "medusa_generate_batch", broken)
+    report = run(model, [prompts[0], prompts[1][:3], prompts[0][:5]], tree="chain-4", batch_size=3)
+    assert report.exit_code == 1 and report.summary["mismatches"] >= 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ class VerifyConfig:
     dtype: DType | None = None
     # Attention of the Medusa side (the reference always uses sdpa).
     attn_implementation: AttnImpl = "medusa_flash_decoding"
-    # Accepted for the future; Medusa decoding is batch 1, so prompts run one at a time (noted in the report).
+    # Prompts Medusa decodes together (batched decoding, per-row KV lengths); references always run one at a time.
     batch_size: int = 1
     # Count numerical ties as failures too.
     strict: bool = False

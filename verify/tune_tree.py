@@ -120,7 +120,7 @@ def measure_step_times(
     """Median wall time (s) of one verification step for each tree, with a KV cache of `prefix_length` tokens.
 
     Batch 1 times the real decoding step (propose, verify, accept, cache compaction, from medusa_toolkit.decoding);
-    batch > 1 times the tree forward alone (decoding is batch 1 for now), which dominates the step.
+    batch > 1 times the tree forward alone (batched decoding has its own benchmark, benchmarks/bench_batch.py), which dominates the step.
     """
     device = model.device
     gen = torch.Generator().manual_seed(0)

@@ -16,6 +16,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,29 +130,72 @@ def head_hits(model: Any, prompt_ids: list[int], continuation: list[int], top_k:
     return hits
 
 
-def verify_prompt(
-    model: Any, tokenizer: Any, index: int, prompt: str, prompt_ids: list[int], tree: Any, max_new_tokens: int,
-    attn: str, tolerance: float,
-) -> tuple[PromptResult, torch.Tensor]:  # fmt: skip
-    """Reference vs candidate for one prompt: the PromptResult and the per-head hit counts."""
+@dataclass
+class Candidate:
+    """Medusa's output for one prompt: new tokens, tokens per step, wall time (a batch's time is shared out)."""
+
+    tokens: list[int]
+    accept_lengths: list[int]
+    wall_time: float
+
+
+def medusa_candidates(
+    model: Any, batch: list[list[int]], tree: Any, max_new_tokens: int, attn: str
+) -> list[Candidate] | str:
+    """Run the decoding under test on a batch of prompts (batched Medusa when more than one); an error string if it crashed."""
     from medusa_toolkit.decoding import medusa_generate
 
+    try:
+        if len(batch) == 1:
+            ids = torch.tensor(batch[0], device=model.device)[None]
+            out = medusa_generate(
+                model, ids, max_new_tokens, tree=tree, eos_token_id=_eos(model), attn_implementation=attn
+            )
+            return [Candidate(out.sequences[0, ids.shape[1] :].tolist(), list(out.accept_lengths), out.wall_time)]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=model.device)  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
+        out = medusa_generate(
+            model,
+            ids,
+            max_new_tokens,
+            tree=tree,
+            eos_token_id=_eos(model),
+            attn_implementation=attn,
+            attention_mask=mask,
+        )
+        share = out.wall_time / len(batch)
+        return [
+            Candidate(row[len(p) :].tolist(), list(out.accept_lengths[b]), share)
+            for b, (p, row) in enumerate(zip(batch, out.rows()))
+        ]
+    except Exception as e:  # a crash of the decoding under test is a failed verification, not a tool error
+        return f"{type(e).__name__}: {e}"
+
+
+def verify_prompt(
+    model: Any, tokenizer: Any, index: int, prompt: str, prompt_ids: list[int], tree: Any, max_new_tokens: int,
+    attn: str, tolerance: float, candidate: Candidate | str | None = None,
+) -> tuple[PromptResult, torch.Tensor]:  # fmt: skip
+    """Reference vs candidate for one prompt: the PromptResult and the per-head hit counts.
+
+    `candidate`: Medusa's output when it was decoded in a batch (None: decode this prompt alone).
+    """
     input_ids = torch.tensor(prompt_ids, device=model.device)[None]
     ref, ref_logits, ref_time = reference_generate(model, input_ids, max_new_tokens)
     result = PromptResult(index, prompt, "pass", len(prompt_ids), reference_tokens=len(ref), reference_time_s=ref_time)
     hits = head_hits(model, prompt_ids, ref)
-    try:
-        out = medusa_generate(
-            model, input_ids, max_new_tokens, tree=tree, eos_token_id=_eos(model), attn_implementation=attn
-        )
-    except Exception as e:  # a crash of the decoding under test is a failed verification, not a tool error
-        result.status, result.error = "error", f"{type(e).__name__}: {e}"
+    if candidate is None:
+        candidate = medusa_candidates(model, [prompt_ids], tree, max_new_tokens, attn)
+        candidate = candidate if isinstance(candidate, str) else candidate[0]
+    if isinstance(candidate, str):
+        result.status, result.error = "error", candidate
         return result, hits
-    cand = out.sequences[0, input_ids.shape[1] :].tolist()
+    cand = candidate.tokens
     result.medusa_tokens, result.medusa_time_s, result.accept_lengths = (
         len(cand),
-        out.wall_time,
-        list(out.accept_lengths),
+        candidate.wall_time,
+        list(candidate.accept_lengths),
     )
     pos = first_divergence(ref, cand)
     if pos is None:
@@ -262,8 +306,9 @@ def verify_heads(
     notes = []
     if batch_size > 1:
         notes.append(
-            f"batch_size={batch_size} requested, but batched Medusa decoding is not implemented yet: "
-            "prompts were verified one at a time (batch 1)"
+            f"Medusa decoded prompts in batches of {batch_size} (left padding, per-row KV lengths); the reference "
+            "decodes each prompt alone, so this also checks that batching changes no token; per-prompt Medusa "
+            "wall time is the batch's time shared out"
         )
     rendered: list[tuple[str, list[int]]] = []
     for p in prompts:
@@ -276,9 +321,17 @@ def verify_heads(
             rendered.append((_text(tokenizer, ids), ids))
 
     results, hits = [], torch.zeros(model.num_heads, 3, dtype=torch.long)
+    candidates: list[Candidate | str | None] = [None] * len(rendered)
+    if batch_size > 1:
+        for start in range(0, len(rendered), batch_size):
+            chunk = [ids for _, ids in rendered[start : start + batch_size]]
+            out = medusa_candidates(model, chunk, tree, max_new_tokens, attn_implementation)
+            candidates[start : start + len(chunk)] = [out] * len(chunk) if isinstance(out, str) else out
     bar = tqdm(rendered, desc="medusa-verify", unit="prompt", disable=not progress)
     for i, (text, ids) in enumerate(bar):
-        result, h = verify_prompt(model, tokenizer, i, text, ids, tree, max_new_tokens, attn_implementation, tolerance)
+        result, h = verify_prompt(
+            model, tokenizer, i, text, ids, tree, max_new_tokens, attn_implementation, tolerance, candidates[i]
+        )
         results.append(result)
         hits += h
         if result.medusa_time_s > 0:
