@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument(
-        "--batch-size", type=int, default=1, help="prompts Medusa decodes together (batched Medusa, left padding); references run one at a time"
+        "--batch-size",
+        type=int,
+        default=1,
+        help="prompts Medusa decodes together (batched Medusa, left padding); references run one at a time",
     )
     p.add_argument(
         "--no-chat-template", action="store_true", help="feed prompts as plain text (default: chat template)"
