@@ -4,7 +4,9 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from huggingface_hub import constants as hub_constants
 
 # The Triton interpreter must be switched on before any @triton.jit function is decorated, i.e. before
 # medusa_toolkit.kernels is imported by any test module: CI has no GPU, so kernel tests run in the interpreter.
@@ -20,3 +22,31 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "medu
 
 # tests/tiny.py and other helpers import as plain modules.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+# A local Hub-compatible server for push tests (tests/hub_server.py), with the real huggingface_hub client online.
+from hub_server import HubServer  # noqa: E402
+
+HUB_TOKEN = "hf_test_token"
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path):
+    """Online mode against a local endpoint; huggingface_hub read these at import time, so patch the constants too."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+    def start(**kw) -> HubServer:
+        hub = HubServer(**kw).__enter__()
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        servers.append(hub)
+        return hub
+
+    servers: list[HubServer] = []
+    yield start
+    for hub in servers:
+        hub.__exit__(None, None, None)

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import HubServer
-from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 
 from medusa_toolkit import MedusaHeads
 from medusa_toolkit.export.cli import main as export_main
@@ -19,28 +18,6 @@ from medusa_toolkit.export.package import ExportInputs, export_packages
 from medusa_toolkit.export.stage import push_packages
 
 TOKEN = "hf_test_token"
-
-
-@pytest.fixture
-def hub_env(monkeypatch, tmp_path):
-    """Online mode against a local endpoint; huggingface_hub read these at import time, so patch the constants too."""
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-
-    def start(**kw) -> HubServer:
-        hub = HubServer(**kw).__enter__()
-        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-        servers.append(hub)
-        return hub
-
-    servers: list[HubServer] = []
-    yield start
-    for hub in servers:
-        hub.__exit__(None, None, None)
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ import json
 
 import pytest
 import yaml
-from hub_server import HubServer
-from huggingface_hub import HfApi, constants
+from huggingface_hub import HfApi
 from train_helpers import tiny_model_dir
 
 from medusa_toolkit import MedusaTree
@@ -38,19 +37,8 @@ def write_config(tmp_path, model_dir, push: str | None) -> str:
     return str(path)
 
 
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    with HubServer(token=TOKEN) as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-        yield server
-
-
-def test_whole_pipeline_then_cached_rerun(tmp_path, hub, capsys):
+def test_whole_pipeline_then_cached_rerun(tmp_path, hub_env, capsys):
+    hub = hub_env(token=TOKEN)
     model_dir = tiny_model_dir(tmp_path / "model")
     config = write_config(tmp_path, model_dir, push="me/tiny-medusa")
     assert train_main([config]) == 0
