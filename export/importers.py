@@ -7,7 +7,6 @@ configs often do), we warn and use what the weights hold.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -15,61 +14,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from medusa_toolkit.heads import WEIGHTS_NAME, HeadsLoadError, MedusaHeads, infer_layout, resolve_heads_folder
+from medusa_toolkit.heads import (
+    WEIGHTS_NAME,
+    HeadsLoadError,
+    MedusaHeads,
+    read_heads_config,
+    resolve_heads_folder,
+    warn_config_mismatch,
+)
 
 LEGACY_WEIGHTS_NAME = "medusa_lm_head.pt"
-# Prefixes other trainers put in front of upstream's `{i}.{j}...` keys (vLLM strips `medusa_heads.` too).
-_PREFIXES = ("medusa_heads.", "medusa_head.", "heads.")
 _VLLM_KEY = re.compile(r"^(?:blocks\.(\d+)\.layers\.(\d+)\.(weight|bias)|lm_heads\.(\d+)\.weight)$")
-
-
-def _strip_prefixes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in tensors.items():
-        for prefix in _PREFIXES:
-            key = key.removeprefix(prefix)
-        out[key] = value
-    return out
-
-
-def _warn_mismatch(source: str, cfg: dict, keys: tuple[str, ...], found: int, what: str) -> None:
-    for key in keys:
-        if key in cfg and cfg[key] != found:
-            warnings.warn(
-                f"{source}: config.json says {key}={cfg[key]} but the weights hold {found} {what}; using {found}",
-                stacklevel=3,
-            )
-
-
-def heads_from_medusa_tensors(tensors: dict[str, torch.Tensor], cfg: dict, source: str) -> MedusaHeads:
-    """Build heads from upstream-style tensors (`{i}.{j}.linear.weight`, `{i}.{L}.weight`) and an optional config."""
-    tensors = _strip_prefixes(tensors)
-    num_heads, num_layers, has_proj = infer_layout(tensors)
-    _warn_mismatch(source, cfg, ("medusa_num_heads", "num_heads"), num_heads, "heads")
-    _warn_mismatch(source, cfg, ("medusa_num_layers", "num_hidden_layers"), num_layers, "layers")
-    hidden_size = tensors["0.0.linear.weight"].shape[0] if num_layers else cfg.get("hidden_size")
-    vocab_size = cfg.get("vocab_size")
-    if has_proj:
-        vocab_size, hidden_size = tensors[f"0.{num_layers}.weight"].shape
-    if hidden_size is None or vocab_size is None:
-        raise HeadsLoadError(
-            f"{source}: cannot tell hidden_size/vocab_size from the weights; config.json must give them"
-        )
-    head_type = "per_head_lm_head" if has_proj else "shared_lm_head"
-    if has_proj and cfg.get("head_type") == "shared_lm_head" and cfg.get("lm_head_copied_from_base"):
-        # Our export of shared heads: every projection is the same copy of the base lm_head. Drop the copies and use
-        # the base's own lm_head again (num_heads fewer vocab-sized matrices in memory, bit-identical logits).
-        first = tensors[f"0.{num_layers}.weight"]
-        if all(torch.equal(tensors[f"{i}.{num_layers}.weight"], first) for i in range(1, num_heads)):
-            head_type = "shared_lm_head"
-            copies = {f"{i}.{num_layers}.weight" for i in range(num_heads)}
-            tensors = {k: v for k, v in tensors.items() if k not in copies}
-    heads = MedusaHeads(hidden_size, vocab_size, num_heads, num_layers, head_type, cfg.get("base_model_name_or_path"))
-    try:
-        heads.heads.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise HeadsLoadError(f"{source}: the weights do not form complete Medusa heads ({e})") from None
-    return heads
 
 
 def heads_from_vllm_tensors(tensors: dict[str, torch.Tensor], cfg: dict, source: str) -> MedusaHeads:
@@ -123,15 +78,11 @@ def heads_from_vllm_tensors(tensors: dict[str, torch.Tensor], cfg: dict, source:
             )
         vocab_size, hidden_size = lm_heads[0].shape
         tensors_out = dict(converted, **{f"{i}.{num_layers}.weight": w for i, w in lm_heads.items()})
-    _warn_mismatch(source, cfg, ("num_heads",), num_heads, "heads")
-    _warn_mismatch(source, cfg, ("num_hidden_layers",), num_layers, "layers")
+    warn_config_mismatch(source, cfg, ("num_heads",), num_heads, "heads")
+    warn_config_mismatch(source, cfg, ("num_hidden_layers",), num_layers, "layers")
     head_type = "shared_lm_head" if shared else "per_head_lm_head"
-    heads = MedusaHeads(hidden_size, vocab_size, num_heads, num_layers, head_type, cfg.get("base_model_name_or_path"))
-    try:
-        heads.heads.load_state_dict(tensors_out, strict=True)
-    except RuntimeError as e:
-        raise HeadsLoadError(f"{source}: the weights do not form complete Medusa heads ({e})") from None
-    return heads
+    layout = (hidden_size, vocab_size, num_heads, num_layers, head_type)
+    return MedusaHeads.from_layout(tensors_out, *layout, cfg.get("base_model_name_or_path"), source)
 
 
 def load_legacy_pt(path: str | Path) -> dict[str, torch.Tensor]:
@@ -148,17 +99,6 @@ def load_legacy_pt(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise HeadsLoadError(f"{path} is not valid JSON: {e}") from None
-    return cfg if isinstance(cfg, dict) else {}
-
-
 def _is_vllm(cfg: dict, tensors: dict[str, torch.Tensor]) -> bool:
     return cfg.get("model_type") == "medusa" or any(k.startswith(("blocks.", "medusa_heads.blocks.")) for k in tensors)
 
@@ -168,7 +108,7 @@ def load_any_heads(path: str | Path, **hub_kwargs) -> MedusaHeads:
     local = Path(path).expanduser()
     weights_file: Path | None = local if local.is_file() else None
     folder = local.parent if weights_file else resolve_heads_folder(str(path), **hub_kwargs)
-    cfg = _read_config(folder)
+    cfg = read_heads_config(folder)
     if weights_file is None:
         candidates = [folder / WEIGHTS_NAME, *sorted(folder.glob("*.safetensors")), folder / LEGACY_WEIGHTS_NAME]
         weights_file = next((p for p in candidates if p.is_file()), None)
@@ -186,4 +126,4 @@ def load_any_heads(path: str | Path, **hub_kwargs) -> MedusaHeads:
     source = str(weights_file)
     if _is_vllm(cfg, tensors):
         return heads_from_vllm_tensors(tensors, cfg, source)
-    return heads_from_medusa_tensors(tensors, cfg, source)
+    return MedusaHeads.from_tensors(tensors, cfg, source)

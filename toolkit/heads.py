@@ -149,34 +149,65 @@ class MedusaHeads(nn.Module):
     def from_pretrained(cls, path: str | Path, **hub_kwargs) -> MedusaHeads:
         """Load heads from a folder (or a Hub id) holding `config.json` + `medusa_lm_head.safetensors`."""
         folder = resolve_heads_folder(str(path), **hub_kwargs)
-        cfg_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        weights_file = folder / WEIGHTS_NAME
         if not weights_file.is_file():
             raise HeadsLoadError(
                 f"{folder} holds no {WEIGHTS_NAME}; point --heads at a folder written by save_pretrained or medusa-export"
             )
-        tensors = load_file(str(weights_file))
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        return cls.from_tensors(load_file(str(weights_file)), read_heads_config(folder), str(weights_file))
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], config: dict | None = None, source: str = "weights"
+    ) -> MedusaHeads:
+        """Heads from upstream-layout tensors (`{i}.{j}.linear.weight`, `{i}.{L}.weight`) and an optional config.
+
+        The weights are the truth: when the config disagrees about the number of heads or layers (upstream Hub
+        configs often do), warn and use what the weights hold.
+        """
+        cfg = config or {}
+        tensors = strip_key_prefixes(tensors)
         num_heads, num_layers, has_proj = infer_layout(tensors)
+        warn_config_mismatch(source, cfg, ("medusa_num_heads", "num_heads"), num_heads, "heads")
+        warn_config_mismatch(source, cfg, ("medusa_num_layers", "num_hidden_layers"), num_layers, "layers")
         hidden_size = tensors["0.0.linear.weight"].shape[0] if num_layers else cfg.get("hidden_size")
+        vocab_size = cfg.get("vocab_size")
         if has_proj:
             vocab_size, hidden_size = tensors[f"0.{num_layers}.weight"].shape
-        else:
-            vocab_size = cfg.get("vocab_size")
         if hidden_size is None or vocab_size is None:
             raise HeadsLoadError(
-                f"{folder}: cannot tell hidden_size/vocab_size from the weights; config.json must give them"
+                f"{source}: cannot tell hidden_size/vocab_size from the weights; config.json must give them"
             )
-        for key, found in (("medusa_num_heads", num_heads), ("medusa_num_layers", num_layers)):
-            if key in cfg and cfg[key] != found:
-                warnings.warn(
-                    f"{folder}: config.json says {key}={cfg[key]} but the weights hold {found}; using {found}",
-                    stacklevel=2,
-                )
-        head_type = cfg.get("head_type", "per_head_lm_head" if has_proj else "shared_lm_head")
-        if head_type == "shared_lm_head" and has_proj:
-            head_type = "per_head_lm_head"  # an export that wrote the shared projection out loads as per-head
-        heads = cls(hidden_size, vocab_size, num_heads, num_layers, head_type, cfg.get("base_model_name_or_path"))
-        heads.heads.load_state_dict(tensors, strict=True)
+        head_type = "per_head_lm_head" if has_proj else "shared_lm_head"
+        if has_proj and cfg.get("head_type") == "shared_lm_head" and cfg.get("lm_head_copied_from_base"):
+            # medusa-export of shared heads: every projection is the same copy of the base lm_head. Drop the copies
+            # and use the base's own lm_head again (num_heads fewer vocab-sized matrices, bit-identical logits).
+            first = tensors[f"0.{num_layers}.weight"]
+            if all(torch.equal(tensors[f"{i}.{num_layers}.weight"], first) for i in range(1, num_heads)):
+                head_type = "shared_lm_head"
+                copies = {f"{i}.{num_layers}.weight" for i in range(num_heads)}
+                tensors = {k: v for k, v in tensors.items() if k not in copies}
+        layout = (hidden_size, vocab_size, num_heads, num_layers, head_type)
+        return cls.from_layout(tensors, *layout, cfg.get("base_model_name_or_path"), source)
+
+    @classmethod
+    def from_layout(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        hidden_size: int,
+        vocab_size: int,
+        num_heads: int,
+        num_layers: int,
+        head_type: HeadType,
+        base_model_name_or_path: str | None,
+        source: str,
+    ) -> MedusaHeads:
+        """Heads of a known shape holding exactly `tensors` (upstream keys); a clear error when they do not fit."""
+        heads = cls(hidden_size, vocab_size, num_heads, num_layers, head_type, base_model_name_or_path)
+        try:
+            heads.heads.load_state_dict(tensors, strict=True)
+        except RuntimeError as e:
+            raise HeadsLoadError(f"{source}: the weights do not form complete Medusa heads ({e})") from None
         return heads
 
     def check_compatible(self, base: nn.Module) -> None:
@@ -190,6 +221,41 @@ class MedusaHeads(nn.Module):
                 f"Use heads trained for this base (heads say base_model_name_or_path="
                 f"{self.config.base_model_name_or_path!r})."
             )
+
+
+# Prefixes other trainers put in front of upstream's `{i}.{j}...` keys (vLLM strips `medusa_heads.` too).
+KEY_PREFIXES = ("medusa_heads.", "medusa_head.", "heads.")
+
+
+def strip_key_prefixes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in tensors.items():
+        for prefix in KEY_PREFIXES:
+            key = key.removeprefix(prefix)
+        out[key] = value
+    return out
+
+
+def warn_config_mismatch(source: str, cfg: dict, keys: tuple[str, ...], found: int, what: str) -> None:
+    """Warn when a config.json count disagrees with what the weights hold (the weights win)."""
+    for key in keys:
+        if key in cfg and cfg[key] != found:
+            warnings.warn(
+                f"{source}: config.json says {key}={cfg[key]} but the weights hold {found} {what}; using {found}",
+                stacklevel=3,
+            )
+
+
+def read_heads_config(folder: Path) -> dict:
+    """A heads folder's config.json as a dict ({} when absent); a clear error when it is not JSON."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HeadsLoadError(f"{path} is not valid JSON: {e}") from None
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def infer_layout(tensors: dict[str, torch.Tensor]) -> tuple[int, int, bool]:
