@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from medusa_toolkit.decoding import _eos_ids, _truncate, path_accept_counts, propose, use_attention
 from medusa_toolkit.medusa_model import MedusaModel
 from medusa_toolkit.tree import MedusaTree, TreeBuffers
 
@@ -195,27 +196,12 @@ def prefill_batch(
     return RowCache.from_prefill(cache, attention_mask), roots, model.medusa_logits(hidden)
 
 
-def propose_batch(roots: torch.Tensor, medusa_logits: torch.Tensor, tree: MedusaTree, buffers: TreeBuffers):
-    """Tree tokens [B, N] from each row's root [B] and heads' logits [num_heads, B, V]."""
-    if tree.depth == 0:
-        return roots[:, None]
-    topk = medusa_logits[: tree.depth].topk(tree.top_k, dim=-1).indices  # [depth, B, top_k]
-    flat = topk.permute(1, 0, 2).flatten(1)  # [B, depth * top_k]
-    return torch.cat([roots[:, None], flat], 1)[:, buffers.tree_indices]
-
-
 def accept_greedy_batch(tree_tokens: torch.Tensor, logits: torch.Tensor, buffers: TreeBuffers):
     """Per row: accepted path nodes [B, D + 1] (valid up to counts[b]), counts [B] and the base's argmax [B, N]."""
     predictions = logits.argmax(-1)  # [B, N]
-    retrieve = buffers.retrieve_indices
-    candidates = tree_tokens[:, retrieve]  # [B, L, D + 1]
-    predicted = predictions[:, retrieve]
-    depth = retrieve.shape[1] - 1
-    real = torch.arange(depth, device=retrieve.device)[None] < (buffers.path_lengths - 1)[:, None]  # [L, D]
-    matches = (candidates[..., 1:] == predicted[..., :-1]) & real
-    accepted = matches.int().cumprod(dim=-1).sum(dim=-1)  # [B, L]
+    accepted = path_accept_counts(tree_tokens, predictions, buffers)  # [B, L]
     best = accepted.argmax(-1)
-    return retrieve[best], accepted.gather(1, best[:, None])[:, 0] + 1, predictions
+    return buffers.retrieve_indices[best], accepted.gather(1, best[:, None])[:, 0] + 1, predictions
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -239,8 +225,6 @@ def medusa_generate_batch(
     `pad_token_id` pads the returned sequences (default: the model's pad id, else its first EOS id, else 0).
     Other arguments as in `medusa_generate`.
     """
-    from medusa_toolkit.decoding import _eos_ids, _truncate, use_attention
-
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")
     if attention_mask is None:
@@ -286,7 +270,7 @@ def medusa_generate_batch(
             roots, medusa_logits = roots[keep], medusa_logits[:, keep]
 
         while active:
-            tree_tokens = propose_batch(roots, medusa_logits, tree, buffers)  # [B, N]
+            tree_tokens = propose(roots[:, None], medusa_logits, tree, buffers)  # [B, N]
             lens = cache.state.lens
             positions = lens[:, None] + buffers.position_offsets[None]
             if attn == "medusa_flash_decoding":

@@ -95,12 +95,16 @@ def prefill(
 
 
 def propose(root: torch.Tensor, medusa_logits: torch.Tensor, tree: MedusaTree, buffers: TreeBuffers) -> torch.Tensor:
-    """The tree's tokens [N]: the root, then each node's head candidate (depth d uses head d-1, rank = last rank)."""
+    """The tree's tokens [..., N]: the root, then each node's head candidate (depth d uses head d-1, rank = last rank).
+
+    root: [1] and medusa_logits [num_heads, V] for one sequence; [B, 1] and [num_heads, B, V] for a batch.
+    """
     depth = tree.depth
     if depth == 0:
         return root
-    topk = medusa_logits[:depth].topk(tree.top_k, dim=-1).indices  # [depth, top_k]
-    return torch.cat([root, topk.flatten()])[buffers.tree_indices]
+    topk = medusa_logits[:depth].topk(tree.top_k, dim=-1).indices  # [depth, (B,) top_k]
+    candidates = topk.movedim(0, -2).flatten(-2)  # [(B,) depth * top_k], head-major like tree_indices
+    return torch.cat([root, candidates], dim=-1)[..., buffers.tree_indices]
 
 
 def verify(
@@ -116,15 +120,24 @@ def verify(
     return out.logits[0], out.hidden_states[0]
 
 
+def path_accept_counts(tree_tokens: torch.Tensor, predictions: torch.Tensor, buffers: TreeBuffers) -> torch.Tensor:
+    """Per root-to-leaf path [..., L]: how many candidates in a row equal the base's argmax after their parent.
+
+    tree_tokens and predictions (the base's argmax after each node) are [N], or [B, N] for a batch.
+    """
+    retrieve = buffers.retrieve_indices
+    candidates = tree_tokens[..., retrieve]  # [..., L, D + 1]
+    predicted = predictions[..., retrieve]
+    depth = retrieve.shape[1] - 1
+    real = torch.arange(depth, device=retrieve.device)[None] < (buffers.path_lengths - 1)[:, None]  # [L, D]
+    matches = (candidates[..., 1:] == predicted[..., :-1]) & real
+    return matches.int().cumprod(dim=-1).sum(dim=-1)
+
+
 def accept_greedy(tree_tokens: torch.Tensor, logits: torch.Tensor, buffers: TreeBuffers) -> StepResult:
     """Pick the root-to-leaf path with the longest run of candidates equal to the base's argmax after their parent."""
     predictions = logits.argmax(-1)  # [N] the base's next token after each node
-    candidates = tree_tokens[buffers.retrieve_indices]  # [L, D + 1]
-    predicted = predictions[buffers.retrieve_indices]  # [L, D + 1]
-    depth = candidates.shape[1] - 1
-    real = torch.arange(depth, device=candidates.device)[None] < (buffers.path_lengths - 1)[:, None]
-    matches = (candidates[:, 1:] == predicted[:, :-1]) & real  # [L, D]
-    accepted = matches.int().cumprod(dim=1).sum(dim=1)  # [L] candidates accepted on each path
+    accepted = path_accept_counts(tree_tokens, predictions, buffers)  # [L] candidates accepted on each path
     best = int(accepted.argmax())
     n = int(accepted[best])
     nodes = buffers.retrieve_indices[best, : n + 1]
