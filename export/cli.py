@@ -1,6 +1,11 @@
 """medusa-export: package trained Medusa heads for the Hub, TGI, vLLM and TensorRT-LLM, and optionally push them.
 
-medusa-export --heads runs/x/heads --out runs/x/export --format all --push-to-hub my-org/smollm2-medusa
+    medusa-export --heads runs/x/heads --out runs/x/export --push-to-hub my-org/smollm2-medusa
+    medusa-export configs/smollm2-135m.yaml            # that run's heads, tree and report -> OUTPUT_DIR/export
+
+Every flag but the paths is a shortcut for an `export.*` config key. A push is refused unless a passing verify report
+names exactly these heads (and the shipped tree). Exit codes: 0 ok, 2 bad input, a load error or a refused push,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -9,71 +14,72 @@ import argparse
 import sys
 from pathlib import Path
 
-from medusa_toolkit.export.package import FORMATS
+from medusa_toolkit.cli import Shortcut, add_config_arguments, config_from_args, run_command
+from medusa_toolkit.config import ConfigError
+
+SHORTCUTS = [
+    Shortcut("--format", "export.formats", "package layout(s): medusa, vllm or all", choices=("medusa", "vllm", "all"),
+             convert=lambda f: ["medusa", "vllm"] if f == "all" else [f]),
+    Shortcut("--base-model-id", "export.base_model_id", "Hub id of the base written into the packages"),
+    Shortcut("--dtype", "export.dtype", "weight dtype in the packages (null: the heads')",
+             choices=("float32", "bfloat16", "float16")),
+    Shortcut("--no-tokenizer", "export.include_tokenizer", "do not copy the base tokenizer into the medusa package",
+             value=False),
+    Shortcut("--push-to-hub", "export.push_to_hub", "push the medusa package to ORG/NAME (vllm: ORG/NAME-vllm)"),
+    Shortcut("--private", "export.private", "create the Hub repo private", value=True),
+    Shortcut("--revision", "export.revision", "branch to push to (created if missing)"),
+    Shortcut("--create-pr", "export.create_pr", "open a pull request instead of committing", value=True),
+    Shortcut("--commit-message", "export.commit_message", "Hub commit message"),
+    Shortcut("--allow-unverified", "export.allow_unverified", "push even without a passing report for these heads",
+             value=True),
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="medusa-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--heads", required=True, help="heads folder, weights file or Hub id (ours, upstream Medusa, .pt, vLLM)"
-    )
-    p.add_argument("--out", required=True, help="output folder: packages go to OUT/medusa and OUT/vllm")
-    p.add_argument("--format", default="medusa", choices=[*FORMATS, "all"], help="package layout(s) to write")
+    add_config_arguments(p, SHORTCUTS)
+    p.add_argument("--heads", help="heads folder, weights file or Hub id (ours, upstream Medusa, .pt, vLLM); default "
+                   "with a CONFIG: OUTPUT_DIR/heads")  # fmt: skip
+    p.add_argument("--out", help="output folder: packages go to OUT/medusa and OUT/vllm (default with a CONFIG: "
+                   "OUTPUT_DIR/export)")  # fmt: skip
     p.add_argument(
         "--run-dir", help="run folder with tree/, verify/, config.resolved.yaml (default: the heads' parent)"
     )
-    p.add_argument("--base-model", help="base model (default: the heads' base_model_name_or_path)")
+    p.add_argument("--base-model", help="base model to load the lm_head/tokenizer from (default: CONFIG's "
+                   "model.name_or_path, else the heads' base_model_name_or_path)")  # fmt: skip
     p.add_argument("--tree", help="tree.json to ship (default: RUN_DIR/tree/tree.json)")
     p.add_argument("--verification", help="verify report.json (default: RUN_DIR/verify/report.json)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: the heads')")
-    p.add_argument("--no-tokenizer", action="store_true", help="do not copy the base tokenizer into the medusa package")
-    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="push the medusa package here (vllm: ORG/NAME-vllm)")
-    p.add_argument("--private", action="store_true", help="create the Hub repo private")
-    p.add_argument("--revision", metavar="BRANCH", help="branch to push to (created if missing)")
-    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    p.add_argument("--commit-message", metavar="MSG")
-    p.add_argument("--allow-unverified", action="store_true", help="push even without a passing verification report")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from medusa_toolkit.export.hub import HubPushError
-    from medusa_toolkit.export.package import export_packages, resolve_formats
-    from medusa_toolkit.export.stage import ExportError, check_push_allowed, gather_inputs, push_packages, read_json
-    from medusa_toolkit.heads import HeadsLoadError
-    from medusa_toolkit.models import ModelLoadError, resolve_dtype
+def run(argv: list[str] | None) -> int:
+    from medusa_toolkit.export.stage import ExportRequest, export
 
-    heads_path = Path(args.heads)
-    run_dir = Path(args.run_dir) if args.run_dir else None
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args, SHORTCUTS)
+    output_dir = Path(cfg.output_dir) if args.config else None
+    heads = args.heads or (output_dir / "heads" if output_dir else None)
+    out = args.out or (output_dir / "export" if output_dir else None)
+    if heads is None or out is None:
+        raise ConfigError("--heads and --out are required (or pass the CONFIG of a run: its OUTPUT_DIR/heads are "
+                          "exported to OUTPUT_DIR/export)")  # fmt: skip
+    heads_path = Path(heads)
+    run_dir = Path(args.run_dir) if args.run_dir else output_dir
     if run_dir is None and heads_path.is_dir() and any((heads_path.parent / d).is_dir() for d in ("tree", "verify")):
         run_dir = heads_path.parent
-    try:
-        formats = resolve_formats(args.format)
-        if args.push_to_hub:  # fail before loading anything
-            report = args.verification or (run_dir / "verify" / "report.json" if run_dir else None)
-            check_push_allowed(read_json(report), args.allow_unverified, str(report) if report else "no report given")
-        inputs = gather_inputs(
-            args.heads, run_dir, base_model=args.base_model, tree=args.tree, verification=args.verification,
-            include_tokenizer=not args.no_tokenizer,
-        )  # fmt: skip
-        folders = export_packages(
-            inputs, args.out, formats, dtype=resolve_dtype(args.dtype) if args.dtype else None, repo_id=args.push_to_hub
-        )
-        for fmt, folder in folders.items():
-            print(f"[export] {fmt} package: {folder}")
-        if args.push_to_hub:
-            for r in push_packages(
-                folders, args.push_to_hub, private=args.private, revision=args.revision, create_pr=args.create_pr,
-                commit_message=args.commit_message,
-            ):  # fmt: skip
-                print(f"[export] {r.repo_id}: {r.pr_url or r.commit_url}")
-    except (ExportError, HubPushError, HeadsLoadError, ModelLoadError, ValueError) as e:
-        print(f"medusa-export: error: {e}", file=sys.stderr)
-        return 2
+    base = args.base_model or (cfg.model.name_or_path if args.config else None)
+    req = ExportRequest(
+        heads, run_dir, base_model=base, base_model_id=cfg.export.base_model_id, tree=args.tree,
+        verification=args.verification, include_tokenizer=cfg.export.include_tokenizer,
+    )  # fmt: skip
+    export(cfg, req, Path(out))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("medusa-export", lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -89,8 +89,10 @@ def test_heads_for_another_base(tmp_path, capsys):
 
 
 def test_bad_numbers(capsys):
-    _usage_error(["--base", BASE, "--heads", "x/y", "--max-new-tokens", "0"], capsys, "--max-new-tokens must be >= 1")
-    _usage_error(["--base", BASE, "--heads", "x/y", "--tie-tolerance", "-1"], capsys, "--tie-tolerance must be >= 0")
+    _usage_error(
+        ["--base", BASE, "--heads", "x/y", "--max-new-tokens", "0"], capsys, "--max-new-tokens", "must be >= 1"
+    )
+    _usage_error(["--base", BASE, "--heads", "x/y", "--tie-tolerance", "-1"], capsys, "--tie-tolerance", "must be >= 0")
 
 
 def test_verify_stage(smol_heads, tmp_path):

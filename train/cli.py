@@ -1,73 +1,95 @@
-"""`medusa-train CONFIG.yaml [--set key=value ...] [--stages data,train] [--output-dir DIR] [--resume]`.
+"""`medusa-train CONFIG.yaml [--set key=value ...] [--stages data,train] [--output-dir DIR] [--resume] [--force]`.
 
-Runs the same way as a plain process, under `deepspeed` and under `torchrun`. The config is validated before any
-model is loaded; a bad config exits with code 2 and a message naming the key and the fix.
+Runs the same way as a plain process, under `deepspeed` and under `torchrun`. The config and every file it names are
+checked before any model loads. Exit codes (medusa_toolkit.errors): 0 ok, 1 the verify stage found Medusa output
+that differs from the base's (or crashed), 2 bad input or a load error, 3 acceptance below verify.min_accept_length,
+130 interrupted (rerun with --resume to continue).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
+from pathlib import Path
 
-EXIT_CONFIG = 2
+from medusa_toolkit.cli import Shortcut, add_config_arguments, config_from_args, run_command
+from medusa_toolkit.errors import ToolkitError
+
+SHORTCUTS = [
+    Shortcut("--output-dir", "output_dir", "run directory"),
+    Shortcut(
+        "--stages",
+        "stages",
+        "comma-separated stages to run, e.g. data,train",
+        convert=lambda text: [s.strip() for s in text.split(",") if s.strip()],
+    ),
+    Shortcut("--resume", "train.resume", "continue training from the latest checkpoint", value=True),
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="medusa-train", description="Self-distill Medusa heads (data -> train -> tree -> verify -> export)."
+        prog="medusa-train",
+        description="Self-distill Medusa heads (data -> train -> tree -> verify -> export).",
+        epilog="Exit codes: 0 ok, 1 not lossless (verify stage), 2 bad input or load error, 3 acceptance below "
+        "verify.min_accept_length, 130 interrupted.",
     )
-    p.add_argument("config", help="YAML config, e.g. configs/smollm2-135m.yaml")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.max_steps=100 (repeatable)",
-    )
-    p.add_argument("--stages", help="comma-separated stages to run (default: the config's `stages`), e.g. data,train")
-    p.add_argument("--output-dir", help="run directory (default: the config's output_dir)")
-    p.add_argument("--resume", action="store_true", help="continue training from the latest checkpoint")
-    p.add_argument("--force", action="store_true", help="rerun stages even when their artefact is cached")
+    add_config_arguments(p, SHORTCUTS, required=True)
+    p.add_argument("--force", action="store_true", help="rerun stages even when cached (a training run starts over)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `medusa-train`; returns the process exit code."""
+def verify_exit_code(run_dir: Path, stages: list[str]) -> int:
+    """The verify stage's verdict as an exit code (0 when verify was not part of this run)."""
+    if "verify" not in stages:
+        return 0
+    try:
+        return int(json.loads((run_dir / "verify" / "report.json").read_text())["verdict"]["exit_code"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from medusa_toolkit.config import ConfigError, load_config
-    from medusa_toolkit.stages import STAGES, run_pipeline
+    cfg = config_from_args(args, SHORTCUTS)
 
-    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
-    try:
-        cfg = load_config(args.config, overrides)
-        stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else cfg.stages
-        unknown = [s for s in stages if s not in STAGES]
-        if unknown:
-            raise ConfigError(f"unknown stage(s) {', '.join(unknown)} in --stages; stages are {', '.join(STAGES)}")
-    except ConfigError as e:
-        print(f"medusa-train: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    if args.output_dir:
-        cfg.output_dir = args.output_dir
-
-    from medusa_toolkit.errors import ToolkitError
+    from medusa_toolkit.stages import check_inputs, run_pipeline
     from medusa_toolkit.summary import pipeline_summary
     from medusa_toolkit.train import distributed as D
 
+    check_inputs(cfg, cfg.stages)  # every file the config names, before DeepSpeed or any model loads
     D.init_distributed()
     log = print if D.is_main() else (lambda *a, **k: None)
+    run_dir = Path(cfg.output_dir)
+    if args.force and "train" in cfg.stages and D.is_main() and (run_dir / "checkpoints").exists():
+        shutil.rmtree(run_dir / "checkpoints")  # --force: training starts over
+        log(f"[train] --force: removed the checkpoints in {run_dir / 'checkpoints'}")
+    D.barrier()
     try:
-        run_pipeline(cfg, cfg.output_dir, stages, force=args.force, log=log)
-    except ToolkitError as e:  # expected failures (bad input, missing artefacts, refused push): one clear message
-        print(f"medusa-train: {e}", file=sys.stderr)
-        return 1
+        run_pipeline(cfg, run_dir, cfg.stages, force=args.force, log=log)
+    except ToolkitError as e:
+        code = verify_exit_code(run_dir, cfg.stages)
+        if code:  # e.g. a push refused because verification failed: the verdict is the honest exit code
+            print(f"medusa-train: error: {e}", file=sys.stderr)
+            return code
+        raise
     log(pipeline_summary(cfg.output_dir))
-    return 0
+    return verify_exit_code(run_dir, cfg.stages)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `medusa-train`; returns the process exit code."""
+    hint = (
+        "finished stages, generated data shards and training checkpoints are kept: rerun the same command with "
+        "--resume to continue"
+    )
+    return run_command("medusa-train", lambda: run(argv), interrupted_hint=hint)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from scipy import stats
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
@@ -162,6 +160,8 @@ def two_sample_chi2(a: Sequence[tuple], b: Sequence[tuple], min_count: int = 10)
     cols = [c for c in cols if sum(c)]
     if len(cols) < 2:
         return 0.0, 0, tv
+    from scipy import stats  # imported here: only the sampling check needs scipy
+
     statistic, _, dof, _ = stats.chi2_contingency(torch.tensor(cols).T.numpy(), correction=False)
     return float(statistic), int(dof), tv
 
@@ -231,6 +231,8 @@ def check_sampling(
 
 
 def _p(statistic: float, dof: int) -> float:
+    from scipy import stats
+
     return float(stats.chi2.sf(statistic, dof)) if dof > 0 else 1.0
 
 
@@ -251,27 +253,24 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sampling-seed", type=int, default=0)
 
 
-def run_sampling_cli(args: argparse.Namespace, model: MedusaModel, tokenizer, prompts: Sequence[str]) -> int:
-    """Run the check for medusa-verify; prints the verdict, writes --report if set. Exit 0 pass, 1 fail, 2 usage."""
-    from medusa_toolkit.prompts import render_prompt
+def run_sampling_cli(
+    args: argparse.Namespace, model: MedusaModel, prompt_ids: Sequence[list[int]], tree, attn: str, progress: bool
+) -> int:
+    """Run the check for medusa-verify; prints the verdict, writes --report if set. Exit 0 pass, 1 fail."""
+    from medusa_toolkit.config import ConfigError
 
     try:
         sampling = parse_sampling_spec(args.sampling)
         if args.samples < 20 or args.sampling_tokens < 1 or not 0 < args.sampling_alpha < 1:
             raise ValueError("need --samples >= 20, --sampling-tokens >= 1 and 0 < --sampling-alpha < 1")
     except ValueError as e:
-        print(f"medusa-verify: error: {e}", file=sys.stderr)
-        return 2
-    ids = [
-        render_prompt(tokenizer, p, not getattr(args, "no_chat_template", False), getattr(args, "system_prompt", None))
-        for p in prompts
-    ]
+        raise ConfigError(str(e)) from None
     report = check_sampling(
-        model, ids, sampling, args.samples, num_tokens=args.sampling_tokens, alpha=args.sampling_alpha,
-        seed=args.sampling_seed, acceptance=args.sampling_acceptance, tree=getattr(args, "tree", None),
-        attn_implementation=getattr(args, "attn", None), progress=not getattr(args, "no_progress", False),
+        model, list(prompt_ids), sampling, args.samples, num_tokens=args.sampling_tokens, alpha=args.sampling_alpha,
+        seed=args.sampling_seed, acceptance=args.sampling_acceptance, tree=tree, attn_implementation=attn,
+        progress=progress,
     )  # fmt: skip
-    if getattr(args, "report", None):
+    if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps({"sampling_check": report.to_dict()}, indent=2) + "\n")
     print(report.summary())
