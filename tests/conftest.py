@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import constants as hub_constants
 
 # The Triton interpreter must be switched on before any @triton.jit function is decorated, i.e. before
 # medusa_toolkit.kernels is imported by any test module: CI has no GPU, so kernel tests run in the interpreter.
@@ -19,6 +18,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "medusa-toolkit" / "torch_extensions"))
+
+# huggingface_hub reads these when it is imported: set them first, so nothing in the suite waits on the network.
+from huggingface_hub import constants as hub_constants  # noqa: E402
 
 # tests/tiny.py and other helpers import as plain modules.
 sys.path.insert(0, str(Path(__file__).parent))

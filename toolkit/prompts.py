@@ -140,6 +140,28 @@ def load_prompts(
     return prompts
 
 
+NAMED_SOURCES = ("chitchat", "builtin", "none", "hf", "file")
+
+
+def check_prompt_source(source: str, path: str | None, section: str) -> None:
+    """Fail fast on a prompt source before anything loads: a file must exist, `file`/`hf` need a path."""
+    key = f"{section}.prompts" if section == "verify" else f"{section}.source"
+    if source in ("file", "hf") and not path:
+        raise PromptError(f"{key}: {source!r} needs a path ({section}.path): a prompts file or a datasets name")
+    target = path if source == "file" else (None if source in NAMED_SOURCES else source)
+    if target is not None:
+        file = Path(target).expanduser()
+        if not file.is_file():
+            raise PromptError(
+                f"{key}: prompts file not found: {target}; pass an existing .jsonl/.json/.parquet/.csv/.txt file"
+                f"{' or one of chitchat, builtin' if section == 'verify' else ''}"
+            )
+    elif source == "chitchat" and importlib.util.find_spec("chitchat_dataset") is None:
+        raise PromptError(
+            f"{key}: the chitchat prompts need the 'chitchat-dataset' package: pip install chitchat-dataset"
+        )
+
+
 def render_prompt(
     tokenizer, prompt: str, use_chat_template: bool = True, system_prompt: str | None = None
 ) -> list[int]:

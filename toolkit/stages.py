@@ -1,9 +1,16 @@
 """The stage runner: config -> data -> train -> tree -> verify -> export, each stage an artefact folder in the run dir.
 
 A stage is one function `run_<stage>(cfg, run_dir, out_dir) -> None` that writes its artefact into `out_dir` (a
-temp folder); the runner then writes `manifest.json` (hash of the stage's inputs) and renames the folder into place,
-so a killed stage never leaves a half artefact. A stage whose manifest matches its inputs is skipped ("cached").
-Adding a stage = one function + one registry entry + one config section.
+temp folder); the runner then writes `manifest.json` and renames the folder into place, so a killed stage never
+leaves a half artefact (and its temp folder is removed). The manifest holds
+
+- `input_hash`: the stage's config sections, the CONTENT of every file they name (prompt files, tree files, the
+  DeepSpeed JSON, initial heads, a local base model) and the content hash of every upstream artefact it reads;
+- `files`: the sha256 of every file the stage wrote, and `artefact_hash`, their hash.
+
+A stage is "cached" only when its input hash matches AND its files on disk are still the bytes it wrote, so editing a
+prompts file, a tree file or an artefact reruns exactly the stages it affects. The runner never deletes a file it did
+not write: replacing an artefact folder that holds foreign files is refused.
 
 Under a launcher (deepspeed, torchrun) every rank calls every stage function; only rank 0 writes the manifest and
 renames, and all ranks meet at a barrier afterwards.
@@ -11,22 +18,22 @@ renames, and all ranks meet at a barrier afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from medusa_toolkit.config import ToolkitConfig
+from medusa_toolkit.config import ConfigError, ToolkitConfig
 from medusa_toolkit.errors import ToolkitError
+from medusa_toolkit.fingerprint import digest_of, folder_files, path_digest
 from medusa_toolkit.version import __version__
 
 MANIFEST = "manifest.json"
 # Config keys that steer how a stage runs but not what it produces; they never invalidate a cached artefact.
-NOT_INPUTS = {("train", "resume")}
+NOT_INPUTS = {("train", "resume"), ("logging", "progress")}
 
 
 @dataclass(frozen=True)
@@ -51,27 +58,16 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage("data", "medusa_toolkit.train.data:run_data", ("model", "data"), ()),
-        Stage(
-            "train",
-            "medusa_toolkit.train.trainer:run_train",
-            ("model", "heads", "train"),
-            ("data",),
-            ("data",),
-            "heads",
-        ),
-        Stage("tree", "medusa_toolkit.verify.tune_tree:run_tree", ("model", "tree"), ("data", "train"), ("train",)),
-        Stage(
-            "verify", "medusa_toolkit.verify.verifier:run_verify", ("model", "verify"), ("train", "tree"), ("train",)
-        ),
-        Stage(
-            "export",
-            "medusa_toolkit.export.stage:run_export",
-            ("model", "export"),
-            ("train", "tree", "verify"),
-            ("train",),
-        ),
+        Stage("train", "medusa_toolkit.train.trainer:run_train", ("model", "heads", "train"), ("data",),
+              ("data",), "heads"),
+        Stage("tree", "medusa_toolkit.verify.tune_tree:run_tree", ("model", "data", "tree"), ("data", "train"),
+              ("train",)),
+        Stage("verify", "medusa_toolkit.verify.verifier:run_verify", ("model", "data", "verify", "tree"),
+              ("train", "tree"), ("train",)),
+        Stage("export", "medusa_toolkit.export.stage:run_export", ("model", "export"), ("train", "tree", "verify"),
+              ("train",)),
     )
-}
+}  # fmt: skip
 
 
 class StageError(ToolkitError, RuntimeError):
@@ -91,37 +87,123 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def read_manifest(stage_dir: Path) -> dict | None:
-    path = stage_dir / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+# ----------------------------------------------------------------------------------------------------------------------
+# What a stage reads
+
+
+def is_file_spec(spec: str | None) -> bool:
+    """A config value that names a file (a tree.json, a prompts file) rather than a preset or a named set."""
+    return bool(spec) and (Path(spec).suffix != "" or "/" in spec or Path(spec).exists())
+
+
+def named_files(cfg: ToolkitConfig, stage: str) -> dict[str, str]:
+    """{config key: path} of the files (and folders) a stage's config names; their content is part of its inputs."""
+    d, t, v = cfg.data, cfg.train, cfg.verify
+    candidates = {
+        "data": {"data.path": d.path if d.source == "file" else None},
+        "train": {"train.deepspeed.config_file": t.deepspeed.config_file, "heads.init_from": cfg.heads.init_from},
+        "tree": {"tree.tree": cfg.tree.tree if cfg.tree.tree != "auto" else None},
+        "verify": {"verify.tree": v.tree, "verify.prompts": v.prompts, "tree.tree": cfg.tree.tree},
+        "export": {},
+    }[stage]
+    out = {}
+    for key, spec in candidates.items():
+        if spec and is_file_spec(spec) and Path(spec).expanduser().exists():
+            out[key] = str(Path(spec).expanduser())
+    return out
 
 
 def input_hash(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> str:
-    """Hash of everything a stage's output depends on: its config sections and its upstream artefacts' hashes."""
-    cfg_dict = asdict(cfg)
+    """Hash of everything a stage's output depends on: config sections, named files' content, upstream artefacts."""
+    from medusa_toolkit.models import base_fingerprint
+
+    cfg_dict = cfg.to_dict()
     for section, key in NOT_INPUTS:
         cfg_dict[section].pop(key, None)
     upstream = {}
     for name in stage.after:
         manifest = read_manifest(run_dir / STAGES[name].artefact)
-        upstream[name] = manifest["input_hash"] if manifest else None
+        upstream[name] = manifest.get("artefact_hash") if manifest else None
     payload = {
         "stage": stage.name,
         "sections": {s: cfg_dict[s] for s in stage.sections},
+        "files": {key: path_digest(path) for key, path in named_files(cfg, stage.name).items()},
+        "base_model": base_fingerprint(cfg.model.name_or_path),
         "upstream": upstream,
         "toolkit_version": __version__,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return digest_of(payload)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Manifests
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def changed_files(stage_dir: Path, manifest: dict) -> list[str]:
+    """Files the manifest lists that are missing or no longer hold the bytes the stage wrote."""
+    listed = manifest.get("files")
+    if not isinstance(listed, dict):
+        return ["(manifest lists no files)"]
+    stage_dir = Path(stage_dir)
+    changed = []
+    for rel, digest in listed.items():
+        path = stage_dir / rel
+        if not path.is_file() or path_digest(path) != digest:
+            changed.append(rel)
+    return changed
+
+
+def foreign_files(stage_dir: Path) -> list[str]:
+    """Files in an artefact folder that its manifest does not list: the user's, never to be deleted."""
+    manifest = read_manifest(stage_dir)
+    listed = set((manifest or {}).get("files") or {})
+    present = {p.relative_to(stage_dir).as_posix() for p in Path(stage_dir).rglob("*") if p.is_file()}
+    return sorted(present - listed - {MANIFEST})
+
+
+def cache_status(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> tuple[bool, str]:
+    """(cached?, why not) for a stage's artefact in run_dir."""
+    manifest = read_manifest(run_dir / stage.artefact)
+    if manifest is None:
+        return False, "no artefact yet"
+    if manifest.get("input_hash") != input_hash(cfg, stage, run_dir):
+        return False, "inputs changed"
+    changed = changed_files(run_dir / stage.artefact, manifest)
+    if changed:
+        return False, f"artefact files changed on disk since they were written ({', '.join(changed[:3])})"
+    return True, ""
 
 
 def is_cached(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> bool:
-    manifest = read_manifest(run_dir / stage.artefact)
-    return manifest is not None and manifest.get("input_hash") == input_hash(cfg, stage, run_dir)
+    return cache_status(cfg, stage, Path(run_dir))[0]
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Move a finished artefact into place; the folder it replaces may hold only files an earlier run wrote."""
+    if final.exists():
+        foreign = foreign_files(final)
+        if foreign:
+            raise StageError(
+                f"{final} holds files the toolkit did not write ({', '.join(foreign[:5])}); move them out of the "
+                "run directory (the stage replaces this folder) and run again"
+            )
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running
 
 
 def run_stage(cfg: ToolkitConfig, name: str, run_dir: str | Path, force: bool = False, log: Callable = print) -> Path:
@@ -131,13 +213,16 @@ def run_stage(cfg: ToolkitConfig, name: str, run_dir: str | Path, force: bool = 
     stage = STAGES[name]
     run_dir = Path(run_dir)
     final = run_dir / stage.artefact
-    if not force and is_cached(cfg, stage, run_dir):
+    cached, why = cache_status(cfg, stage, run_dir)
+    if cached and not force:
         if _rank() == 0:
             log(f"[{name}] cached: {final}")
         return final
     for dep in stage.requires:
         if read_manifest(run_dir / STAGES[dep].artefact) is None:
             raise StageError(f"stage '{name}' needs the '{dep}' artefact in {run_dir}; run stage '{dep}' first")
+    if _rank() == 0 and final.exists() and not force and why:
+        log(f"[{name}] rerunning: {why}")
     digest = input_hash(cfg, stage, run_dir)
     # Same name on every rank (no mkdtemp): ranks may all write their share into it.
     tmp = run_dir / f".{name}.tmp"
@@ -147,22 +232,69 @@ def run_stage(cfg: ToolkitConfig, name: str, run_dir: str | Path, force: bool = 
         tmp.mkdir(parents=True)
     _barrier()
     start = time.time()
-    stage.function()(cfg, run_dir, tmp)
-    _barrier()
-    if _rank() == 0:
-        manifest = {
-            "stage": name,
-            "input_hash": digest,
-            "toolkit_version": __version__,
-            "wall_time_s": time.time() - start,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        log(f"[{name}] done in {time.time() - start:.1f}s: {final}")
+    try:
+        stage.function()(cfg, run_dir, tmp)
+        _barrier()
+        if _rank() == 0:
+            files = folder_files(tmp)
+            manifest = {
+                "stage": name,
+                "input_hash": digest,
+                "artefact_hash": digest_of(files),
+                "files": files,
+                "toolkit_version": __version__,
+                "wall_time_s": time.time() - start,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            _replace(tmp, final)
+            log(f"[{name}] done in {time.time() - start:.1f}s: {final}")
+    finally:
+        if _rank() == 0 and tmp.exists():  # a failed or interrupted stage leaves nothing half-written behind
+            shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
     return final
+
+
+def check_inputs(cfg: ToolkitConfig, stages: list[str]) -> None:
+    """Before the first stage runs: every file the config names for these stages exists and parses.
+
+    Minutes of generation must not be spent before a typo in a DeepSpeed path is found.
+    """
+    from medusa_toolkit.models import check_model_spec
+    from medusa_toolkit.prompts import check_prompt_source
+    from medusa_toolkit.tree import check_tree_spec
+
+    check_model_spec(cfg.model.name_or_path)
+    d, t = cfg.data, cfg.train
+    if "data" in stages:
+        check_prompt_source(d.source, d.path, "data")
+    if "train" in stages and t.deepspeed.config_file:
+        path = Path(t.deepspeed.config_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"train.deepspeed.config_file not found: {path}; fix the path or remove the key")
+        try:
+            if not isinstance(json.loads(path.read_text()), dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise ConfigError(f"train.deepspeed.config_file {path}: not a DeepSpeed JSON object ({e})") from None
+    if "train" in stages and cfg.heads.init_from:
+        spec = cfg.heads.init_from
+        if is_file_spec(spec) and not Path(spec).expanduser().exists() and spec.count("/") != 1:
+            raise ConfigError(f"heads.init_from not found: {spec}; pass a heads folder or a Hub id ORG/NAME")
+    if "tree" in stages:
+        check_tree_spec(cfg.tree.tree, "tree.tree", allow_auto=True)
+    if "verify" in stages:
+        if cfg.verify.tree:
+            check_tree_spec(cfg.verify.tree, "verify.tree")
+        check_prompt_source(cfg.verify.prompts, None, "verify")
+    if "export" in stages and cfg.export.push_to_hub:
+        from medusa_toolkit.models import base_hub_id
+
+        if not base_hub_id(cfg.export.base_model_id or cfg.model.name_or_path):
+            raise ConfigError(
+                f"export.push_to_hub needs a Hub id for the base model, but model.name_or_path is "
+                f"{cfg.model.name_or_path!r}: set export.base_model_id: ORG/NAME (engines load the base by it)"
+            )
 
 
 def run_pipeline(
@@ -173,6 +305,9 @@ def run_pipeline(
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise StageError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+    if not wanted:
+        raise StageError(f"no stages to run; name at least one of {', '.join(STAGES)}")
+    check_inputs(cfg, wanted)
     run_dir = Path(run_dir)
     if _rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

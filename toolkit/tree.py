@@ -228,3 +228,21 @@ class MedusaTree:
                 retrieve[row, d] = node_of[leaf[:d]]
             lengths[row] = len(leaf) + 1
         return TreeBuffers(attn_mask, position_offsets, tree_indices, retrieve, lengths)
+
+
+def check_tree_spec(spec: str, key: str, allow_auto: bool = False) -> None:
+    """Fail fast on a tree config value: `auto` (where allowed), a preset, or a tree.json that loads."""
+    if allow_auto and spec == "auto":
+        return
+    try:
+        MedusaTree.resolve(spec, num_heads=10**6)  # the depth is checked against the heads once they are loaded
+    except TreeError as e:
+        raise TreeError(f"{key}: {e}") from None
+
+
+def tree_digest(tree: MedusaTree) -> str:
+    """Content hash of what a tree makes decoding do (its paths and top-k), independent of file formatting."""
+    import hashlib
+
+    payload = json.dumps({"paths": [list(p) for p in tree.paths], "top_k": tree.top_k})
+    return hashlib.sha256(payload.encode()).hexdigest()

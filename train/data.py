@@ -11,11 +11,9 @@ Each shard is seeded by its index, so the result does not depend on the world si
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -34,15 +32,16 @@ class DataError(ToolkitError, ValueError):
     """The data stage cannot produce training data; the message names the problem and the fix."""
 
 
-def data_hash(cfg: ToolkitConfig) -> str:
-    """Hash of what the generated data depends on (model + data sections)."""
-    payload = json.dumps({"model": asdict(cfg.model), "data": asdict(cfg.data)}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def data_hash(cfg: ToolkitConfig, run_dir: Path) -> str:
+    """Hash of what the generated data depends on: the data stage's inputs (config values and file contents)."""
+    from medusa_toolkit.stages import STAGES, input_hash
+
+    return input_hash(cfg, STAGES["data"], Path(run_dir))[:16]
 
 
 def partial_dir(cfg: ToolkitConfig, run_dir: Path) -> Path:
     """Where finished shards live until the merge (survives an interrupted run)."""
-    return Path(run_dir) / ".data.partial" / data_hash(cfg)
+    return Path(run_dir) / ".data.partial" / data_hash(cfg, run_dir)
 
 
 def get_prompts(cfg: ToolkitConfig) -> list[str]:
