@@ -48,7 +48,6 @@ def timed(fn, repeats: int) -> float:
 
 def load(args):
     from medusa_toolkit import MedusaHeads, MedusaModel, load_base_model
-    from medusa_toolkit.medusa_model import load_heads
 
     if args.tiny:
         from tiny import fit_heads, greedy_corpus, tiny_base
@@ -66,7 +65,7 @@ def load(args):
         heads.init_from_lm_head(base.get_output_embeddings().weight)
         name = f"{args.base} (fresh heads)"
     elif args.heads:
-        heads, name = load_heads(args.heads), f"{args.base} + {args.heads}"
+        heads, name = MedusaHeads.from_pretrained(args.heads), f"{args.base} + {args.heads}"
     else:
         sys.exit("pass --heads DIR, --fresh-heads or --tiny")
     texts = load_prompts("chitchat", split="heldout", num=max(args.batch_sizes))

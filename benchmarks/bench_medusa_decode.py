@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from medusa_toolkit import MedusaHeads, MedusaModel, MedusaTree, load_base_model
-    from medusa_toolkit.medusa_model import load_heads
     from medusa_toolkit.prompts import load_prompts
     from medusa_toolkit.verify.calibration import calibrate_prompts
     from medusa_toolkit.verify.tune_tree import (
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         heads_dir = Path(args.heads) if args.heads else DEMO_RUN / "heads"
         if not heads_dir.is_dir():
             sys.exit(f"no heads at {heads_dir}: train the demo (make demo) or pass --heads DIR (or --fresh-heads)")
-        heads, heads_name = load_heads(heads_dir), str(heads_dir)
+        heads, heads_name = MedusaHeads.from_pretrained(heads_dir), str(heads_dir)
     model = MedusaModel(base, heads, tok)
 
     texts = load_prompts("chitchat", split="heldout", num=args.calibration_prompts + args.num_prompts)

@@ -12,10 +12,9 @@ from huggingface_hub import HfApi, hf_hub_download
 
 from medusa_toolkit import MedusaHeads
 from medusa_toolkit.export.cli import main as export_main
-from medusa_toolkit.export.hub import HubPushError, push_folder
-from medusa_toolkit.export.importers import load_any_heads
 from medusa_toolkit.export.package import ExportInputs, export_packages
 from medusa_toolkit.export.stage import push_packages
+from medusa_toolkit.hub import HubPushError, push_folder
 
 TOKEN = "hf_test_token"
 
@@ -52,7 +51,7 @@ def test_push_then_download_byte_identical(hub_env, packages, tmp_path):
             path = hf_hub_download(repo, name, endpoint=hub.endpoint, cache_dir=tmp_path / "dl")
             assert open(path, "rb").read() == content, name
         snapshot = Path(hf_hub_download(repo, "config.json", endpoint=hub.endpoint, cache_dir=tmp_path / "dl")).parent
-        downloaded = load_any_heads(snapshot)
+        downloaded = MedusaHeads.from_pretrained(snapshot)
         hidden = torch.randn(2, 64)
         assert torch.equal(downloaded(hidden), heads(hidden))
     card = (folders["medusa"] / "README.md").read_text()
@@ -87,7 +86,7 @@ def test_cli_push_to_branch_and_pr_and_unverified_refusal(hub_env, tmp_path, cap
     assert export_main([*args, "--push-to-hub", "me/cli"]) == 2
     assert "refusing to push" in capsys.readouterr().err and not hub.state.calls
     report = tmp_path / "report.json"
-    report.write_text(json.dumps({"passed": True}))
+    report.write_text(json.dumps({"passed": True, "settings": {"heads_sha256": heads.content_hash()}}))
     rc = export_main(
         [*args, "--push-to-hub", "me/cli", "--verification", str(report), "--revision", "dev", "--commit-message", "v1"]
     )

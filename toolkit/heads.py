@@ -8,8 +8,8 @@ Every layer has its own weights (upstream Medusa builds the blocks with `[ResBlo
 
 from __future__ import annotations
 
+import hashlib
 import json
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,18 +17,14 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from medusa_toolkit.errors import ToolkitError
+from medusa_toolkit import heads_io
+from medusa_toolkit.heads_io import CONFIG_NAME, WEIGHTS_NAME, HeadsLayout, HeadsLoadError
 from medusa_toolkit.version import __version__
 
 HeadType = Literal["per_head_lm_head", "shared_lm_head"]
-WEIGHTS_NAME = "medusa_lm_head.safetensors"
-CONFIG_NAME = "config.json"
-
-
-class HeadsLoadError(ToolkitError, ValueError):
-    """Heads could not be loaded or do not fit the base model; the message says why and what to do."""
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "HeadsLoadError", "MedusaHeads", "MedusaHeadsConfig", "ResBlock"]
 
 
 class ResBlock(nn.Module):
@@ -134,7 +130,7 @@ class MedusaHeads(nn.Module):
         return torch.stack([head(hidden_states) for head in self.heads[:num_heads]])
 
     # ------------------------------------------------------------------------------------------------------------------
-    # Hugging Face style save / load
+    # Hugging Face style save / load / push (the layouts themselves: medusa_toolkit.heads_io)
 
     def save_pretrained(self, save_directory: str | Path) -> Path:
         """Write `config.json` and `medusa_lm_head.safetensors` (upstream-compatible keys) into a folder."""
@@ -147,68 +143,60 @@ class MedusaHeads(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **hub_kwargs) -> MedusaHeads:
-        """Load heads from a folder (or a Hub id) holding `config.json` + `medusa_lm_head.safetensors`."""
-        folder = resolve_heads_folder(str(path), **hub_kwargs)
-        weights_file = folder / WEIGHTS_NAME
-        if not weights_file.is_file():
-            raise HeadsLoadError(
-                f"{folder} holds no {WEIGHTS_NAME}; point --heads at a folder written by save_pretrained or medusa-export"
-            )
-        return cls.from_tensors(load_file(str(weights_file)), read_heads_config(folder), str(weights_file))
+        """Heads from a folder, a weights file or a Hub id, in any layout we know: ours and upstream Medusa
+        (`medusa_lm_head.safetensors`, or a legacy `.pt` read with weights_only), or vLLM's (`model.safetensors`)."""
+        tensors, layout, source = heads_io.read(path, **hub_kwargs)
+        return cls.from_layout(tensors, layout, source)
 
     @classmethod
     def from_tensors(
         cls, tensors: dict[str, torch.Tensor], config: dict | None = None, source: str = "weights"
     ) -> MedusaHeads:
-        """Heads from upstream-layout tensors (`{i}.{j}.linear.weight`, `{i}.{L}.weight`) and an optional config.
-
-        The weights are the truth: when the config disagrees about the number of heads or layers (upstream Hub
-        configs often do), warn and use what the weights hold.
-        """
-        cfg = config or {}
-        tensors = strip_key_prefixes(tensors)
-        num_heads, num_layers, has_proj = infer_layout(tensors)
-        warn_config_mismatch(source, cfg, ("medusa_num_heads", "num_heads"), num_heads, "heads")
-        warn_config_mismatch(source, cfg, ("medusa_num_layers", "num_hidden_layers"), num_layers, "layers")
-        hidden_size = tensors["0.0.linear.weight"].shape[0] if num_layers else cfg.get("hidden_size")
-        vocab_size = cfg.get("vocab_size")
-        if has_proj:
-            vocab_size, hidden_size = tensors[f"0.{num_layers}.weight"].shape
-        if hidden_size is None or vocab_size is None:
-            raise HeadsLoadError(
-                f"{source}: cannot tell hidden_size/vocab_size from the weights; config.json must give them"
-            )
-        head_type = "per_head_lm_head" if has_proj else "shared_lm_head"
-        if has_proj and cfg.get("head_type") == "shared_lm_head" and cfg.get("lm_head_copied_from_base"):
-            # medusa-export of shared heads: every projection is the same copy of the base lm_head. Drop the copies
-            # and use the base's own lm_head again (num_heads fewer vocab-sized matrices, bit-identical logits).
-            first = tensors[f"0.{num_layers}.weight"]
-            if all(torch.equal(tensors[f"{i}.{num_layers}.weight"], first) for i in range(1, num_heads)):
-                head_type = "shared_lm_head"
-                copies = {f"{i}.{num_layers}.weight" for i in range(num_heads)}
-                tensors = {k: v for k, v in tensors.items() if k not in copies}
-        layout = (hidden_size, vocab_size, num_heads, num_layers, head_type)
-        return cls.from_layout(tensors, *layout, cfg.get("base_model_name_or_path"), source)
+        """Heads from upstream-layout tensors (`{i}.{j}.linear.weight`, `{i}.{L}.weight`) and an optional config."""
+        return cls.from_layout(*heads_io.upstream_layout(tensors, config, source), source)
 
     @classmethod
-    def from_layout(
-        cls,
-        tensors: dict[str, torch.Tensor],
-        hidden_size: int,
-        vocab_size: int,
-        num_heads: int,
-        num_layers: int,
-        head_type: HeadType,
-        base_model_name_or_path: str | None,
-        source: str,
-    ) -> MedusaHeads:
+    def from_layout(cls, tensors: dict[str, torch.Tensor], layout: HeadsLayout, source: str) -> MedusaHeads:
         """Heads of a known shape holding exactly `tensors` (upstream keys); a clear error when they do not fit."""
-        heads = cls(hidden_size, vocab_size, num_heads, num_layers, head_type, base_model_name_or_path)
+        heads = cls(
+            layout.hidden_size, layout.vocab_size, layout.num_heads, layout.num_layers, layout.head_type,
+            layout.base_model_name_or_path,
+        )  # fmt: skip
         try:
             heads.heads.load_state_dict(tensors, strict=True)
         except RuntimeError as e:
             raise HeadsLoadError(f"{source}: the weights do not form complete Medusa heads ({e})") from None
         return heads
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, commit_message: str | None = None, **push_kwargs):
+        """Save these heads (`save_pretrained` layout) and upload them as one commit to `repo_id` on the Hub.
+
+        Packages with model cards and the vLLM layout come from `medusa-export`; this pushes the bare heads.
+        """
+        import tempfile
+
+        from medusa_toolkit.hub import push_folder
+
+        with tempfile.TemporaryDirectory(prefix="medusa-heads-") as tmp:
+            self.save_pretrained(tmp)
+            return push_folder(tmp, repo_id, private=private, commit_message=commit_message, **push_kwargs)
+
+    def content_hash(self) -> str:
+        """sha256 of what these heads compute: their shape and every tensor's dtype, shape and bytes.
+
+        A verify report records it, and the push gate and model card accept that report only for heads with the
+        same hash. Independent of file layout (a package reloaded gives the same hash), not of dtype.
+        """
+        h = hashlib.sha256()
+        c = self.config
+        h.update(
+            json.dumps([c.hidden_size, c.vocab_size, c.medusa_num_heads, c.medusa_num_layers, c.head_type]).encode()
+        )
+        for key, value in sorted(self.heads.state_dict().items()):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def check_compatible(self, base: nn.Module) -> None:
         """Raise a clear error when these heads were made for a base of another hidden or vocab size."""
@@ -221,79 +209,3 @@ class MedusaHeads(nn.Module):
                 f"Use heads trained for this base (heads say base_model_name_or_path="
                 f"{self.config.base_model_name_or_path!r})."
             )
-
-
-# Prefixes other trainers put in front of upstream's `{i}.{j}...` keys (vLLM strips `medusa_heads.` too).
-KEY_PREFIXES = ("medusa_heads.", "medusa_head.", "heads.")
-
-
-def strip_key_prefixes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in tensors.items():
-        for prefix in KEY_PREFIXES:
-            key = key.removeprefix(prefix)
-        out[key] = value
-    return out
-
-
-def warn_config_mismatch(source: str, cfg: dict, keys: tuple[str, ...], found: int, what: str) -> None:
-    """Warn when a config.json count disagrees with what the weights hold (the weights win)."""
-    for key in keys:
-        if key in cfg and cfg[key] != found:
-            warnings.warn(
-                f"{source}: config.json says {key}={cfg[key]} but the weights hold {found} {what}; using {found}",
-                stacklevel=3,
-            )
-
-
-def read_heads_config(folder: Path) -> dict:
-    """A heads folder's config.json as a dict ({} when absent); a clear error when it is not JSON."""
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        return {}
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise HeadsLoadError(f"{path} is not valid JSON: {e}") from None
-    return cfg if isinstance(cfg, dict) else {}
-
-
-def infer_layout(tensors: dict[str, torch.Tensor]) -> tuple[int, int, bool]:
-    """(num_heads, num_layers, has_projection) from upstream-style keys `{i}.{j}.linear.weight` / `{i}.{L}.weight`."""
-    heads, layers, proj = set(), set(), False
-    for key in tensors:
-        parts = key.split(".")
-        if not parts[0].isdigit():
-            raise HeadsLoadError(
-                f"unexpected key {key!r} in Medusa weights (expected '{{head}}.{{layer}}.linear.weight')"
-            )
-        heads.add(int(parts[0]))
-        if len(parts) == 4 and parts[2] == "linear":
-            layers.add(int(parts[1]))
-        elif len(parts) == 3 and parts[2] == "weight":
-            proj = True
-    if not heads:
-        raise HeadsLoadError("the Medusa weights file is empty")
-    return max(heads) + 1, (max(layers) + 1 if layers else 0), proj
-
-
-def resolve_heads_folder(path: str, **hub_kwargs) -> Path:
-    """A local folder as is; otherwise a Hub repo id downloaded (and cached) with huggingface_hub."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return local
-    if local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise HeadsLoadError(
-            f"heads folder not found: {path}. Pass a folder holding {WEIGHTS_NAME} or a Hub id ORG/NAME"
-        )
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(
-            snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.pt", "*.md", "*.png"], **hub_kwargs)
-        )
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-        raise HeadsLoadError(
-            f"could not fetch heads {path!r} from the Hub ({e}); check the id, your token, or pass a local folder"
-        ) from None

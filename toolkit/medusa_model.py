@@ -29,6 +29,8 @@ class MedusaModel(nn.Module):
     def __init__(self, base: nn.Module, heads: MedusaHeads, tokenizer: Any = None):
         super().__init__()
         heads.check_compatible(base)
+        # Hashed before the cast below: a verify report names the heads as they are on disk, not in the verify dtype.
+        self.heads_sha256 = heads.content_hash()
         self.base = freeze(base)
         param = next(base.parameters())
         self.heads = heads.to(device=param.device, dtype=param.dtype).eval()
@@ -48,7 +50,7 @@ class MedusaModel(nn.Module):
         if isinstance(base, str):
             base, tokenizer = load_base_model(base, dtype=dtype, device=device, attn_implementation=attn_implementation)
         if not isinstance(heads, MedusaHeads):
-            heads = load_heads(heads)
+            heads = MedusaHeads.from_pretrained(heads)
         return cls(base, heads, tokenizer)
 
     @property
@@ -103,11 +105,3 @@ class MedusaModel(nn.Module):
     def medusa_logits(self, hidden_states: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
         """The first `num_heads` heads' logits [num_heads, ..., V] (all by default) on given last hidden states."""
         return self.heads(hidden_states, self.base.get_output_embeddings(), num_heads)
-
-
-def load_heads(path: str | Path) -> MedusaHeads:
-    """Heads from a folder, weights file or Hub id: ours, upstream Medusa (incl. legacy .pt) or vLLM's layout."""
-    # Lazy: toolkit never imports medusa_toolkit.export at module import time (data flows one way).
-    from medusa_toolkit.export.importers import load_any_heads
-
-    return load_any_heads(path)

@@ -73,8 +73,8 @@ def _check(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check(args)
-    from medusa_toolkit.heads import HeadsLoadError
-    from medusa_toolkit.medusa_model import MedusaModel, load_heads
+    from medusa_toolkit.heads import HeadsLoadError, MedusaHeads
+    from medusa_toolkit.medusa_model import MedusaModel
     from medusa_toolkit.models import ModelLoadError, load_base_model
     from medusa_toolkit.prompts import PromptError, load_prompts
     from medusa_toolkit.verify.calibration import CalibrationError
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     progress = not args.no_progress
     try:
-        heads = load_heads(args.heads)  # cheap, so a bad folder fails before the base loads
+        heads = MedusaHeads.from_pretrained(args.heads)  # cheap, so a bad folder fails before the base loads
         depth = resolve_depth(args.max_depth, heads.num_heads)
         base, tokenizer = load_base_model(args.base, args.dtype, args.device, args.attn)
         model = MedusaModel(base, heads, tokenizer)

@@ -621,7 +621,7 @@ def run_tree(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     """The `tree` stage: tune from run_dir/heads on held-out data, write out_dir/tree.json and PNG plots."""
     import torch.distributed as dist
 
-    from medusa_toolkit.medusa_model import load_heads
+    from medusa_toolkit.heads import MedusaHeads
     from medusa_toolkit.models import load_base_model
     from medusa_toolkit.prompts import load_prompts
 
@@ -632,7 +632,7 @@ def run_tree(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     heads_dir = run_dir / "heads"
     if not heads_dir.is_dir():
         raise TuneError(f"no heads in {heads_dir}; run the 'train' stage first")
-    heads = load_heads(heads_dir)
+    heads = MedusaHeads.from_pretrained(heads_dir)
     if tc.tree != "auto":  # a fixed tree: record it, no tuning
         tree = MedusaTree.resolve(tc.tree, heads.num_heads)
         tree.metadata = {**tree.metadata, "source": tc.tree}

@@ -1,4 +1,4 @@
-"""Push an exported package to the Hugging Face Hub: create the repo, then ONE commit holding the whole folder.
+"""Push a folder (heads, an exported package) to the Hugging Face Hub: create the repo, then ONE commit holding the whole folder.
 
 Token: HF_TOKEN or the saved login; endpoint: HF_ENDPOINT (read at call time, so a test server can be named late).
 Connection errors and 5xx/429 answers are retried with exponential backoff; 401/403/404 become a HubPushError that
@@ -118,7 +118,6 @@ def push_folder(
 ) -> PushResult:
     """Create `repo_id` (exist_ok) and upload `folder` to it as a single commit; return the commit's URLs."""
     from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -134,11 +133,19 @@ def push_folder(
     def guarded(fn: Callable[[], T], what: str) -> T:
         try:
             return with_retries(fn, what, retries=retries, backoff=backoff, log=log)
-        except (HfHubHTTPError, ConnectionError, RuntimeError, OSError) as e:
+        except Exception as e:  # every failure of a push is one clear line, never a traceback
             explained = _explain(e, repo_id, endpoint)
             if explained is not None:
                 raise explained from None
-            raise HubPushError(f"pushing {folder} to {repo_id} on {endpoint} failed: {e}") from e
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if is_retryable(e):
+                raise HubPushError(
+                    f"could not reach {endpoint} to push {repo_id} ({type(e).__name__}: {first}), also after "
+                    f"{retries} retries; check the network and HF_ENDPOINT, then rerun (finished stages are kept)"
+                ) from None
+            raise HubPushError(
+                f"pushing {folder} to {repo_id} on {endpoint} failed ({type(e).__name__}: {first})"
+            ) from None
 
     repo_url = guarded(lambda: api.create_repo(repo_id, private=private, exist_ok=True), "create_repo")
     if revision and not create_pr and revision != "main":
