@@ -40,6 +40,23 @@ def verification_verdict(report: dict | None) -> bool | None:
     return None
 
 
+def report_mismatch(report: dict | None, heads_sha256: str | None, tree_sha256: str | None) -> str | None:
+    """None when a verify report names exactly these heads (and this tree, when one is shipped); else why not.
+
+    A report is about the bytes it hashed: a passing report for other heads, or for retrained heads, vouches for
+    nothing here.
+    """
+    settings = (report or {}).get("settings")
+    if not isinstance(settings, dict) or not settings.get("heads_sha256"):
+        return "the report does not name the heads it verified (no settings.heads_sha256; verify them again)"
+    if heads_sha256 is not None and settings["heads_sha256"] != heads_sha256:
+        return f"it verified heads {settings['heads_sha256'][:12]}, these heads are {heads_sha256[:12]}"
+    verified_tree = settings.get("tree_sha256")
+    if tree_sha256 is not None and verified_tree != tree_sha256:
+        return f"it verified tree {str(verified_tree)[:12]}, the shipped tree.json is {tree_sha256[:12]}"
+    return None
+
+
 def _find(sources: Sequence[dict | None], keys: Sequence[str]) -> Any:
     for source in sources:
         for scope in (source, (source or {}).get("summary")):  # medusa-verify keeps its numbers under "summary"
@@ -92,12 +109,17 @@ class CardInfo:
     plots: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     dtype: str | None = None
+    heads_sha256: str | None = None  # the packaged heads (before any dtype cast)
+    tree_sha256: str | None = None
 
 
 def _acceptance_section(info: CardInfo) -> str:
-    sources = (info.tree, info.verification, info.training_summary)
-    found = acceptance_matrix(sources)
-    length = _find((info.verification, info.tree, info.training_summary), _ACCEPT_LENGTH_KEYS)
+    # A report about other heads says nothing about these: its numbers stay off the card.
+    report = (
+        info.verification if report_mismatch(info.verification, info.heads_sha256, info.tree_sha256) is None else None
+    )
+    found = acceptance_matrix((info.tree, report, info.training_summary))
+    length = _find((report, info.tree, info.training_summary), _ACCEPT_LENGTH_KEYS)
     lines = []
     if found is not None:
         cols, rows = found
@@ -112,10 +134,19 @@ def _acceptance_section(info: CardInfo) -> str:
 
 def _verification_section(info: CardInfo) -> str:
     verdict = verification_verdict(info.verification)
+    mismatch = report_mismatch(info.verification, info.heads_sha256, info.tree_sha256) if info.verification else None
     if verdict is None:
         text = "**Not verified.** No passing verification report came with these heads."
+    elif mismatch is not None:
+        text = f"**Not verified.** The verification report that came with this export is not about these heads: {mismatch}."
     elif verdict:
-        text = "**Lossless: passed.** Medusa decoding produced exactly the base model's greedy tokens on every prompt."
+        text = (
+            "**Lossless: passed.** Medusa decoding produced exactly the base model's greedy tokens on every prompt "
+            f"(heads sha256 `{info.heads_sha256}`"
+            + (f", tree sha256 `{info.tree_sha256}`" if info.tree_sha256 else "")
+            + (f"; weights cast to {info.dtype} for this package after verification" if info.dtype else "")
+            + ")."
+        )
     else:
         text = "**FAILED.** Medusa decoding diverged from the base model's greedy output; do not serve these heads."
     report = info.verification or {}
@@ -123,7 +154,7 @@ def _verification_section(info: CardInfo) -> str:
     for scope in (report, report.get("verdict"), report.get("summary")):
         if isinstance(scope, dict):
             details.update({k: v for k, v in scope.items() if isinstance(v, (int, float, str, bool))})
-    if details:
+    if details and mismatch is None:
         text += "\n\n| field | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in details.items())
     return "## Verification\n\n" + text + "\n"
 
@@ -209,7 +240,7 @@ def build_model_card(info: CardInfo) -> ModelCard:
         pipeline_tag="text-generation",
     )
     layout = (
-        "upstream Medusa layout (`medusa_lm_head.safetensors`), read by Medusa, TGI and TensorRT-LLM"
+        "Medusa layout (`medusa_lm_head.safetensors` + `config.json`), read by TGI and TensorRT-LLM's converter"
         if info.fmt == "medusa"
         else "vLLM's Medusa draft-model layout (`model.safetensors`, config `model_type: medusa`)"
     )

@@ -18,13 +18,23 @@ from typing import Any
 
 import torch
 
-from medusa_toolkit.export.formats import VLLM_WEIGHTS_NAME, write_medusa, write_vllm
+from medusa_toolkit.errors import ToolkitError
+from medusa_toolkit.export.formats import write_medusa, write_vllm
 from medusa_toolkit.export.model_card import CardInfo, build_model_card
-from medusa_toolkit.heads import WEIGHTS_NAME, MedusaHeads
+from medusa_toolkit.fingerprint import folder_files
+from medusa_toolkit.heads import MedusaHeads
+from medusa_toolkit.models import BUILTIN_HUB_IDS, base_hub_id
 
 FORMATS = ("medusa", "vllm")
-# Builtin aliases -> (Hub id, license) for the card's metadata.
-_KNOWN_BASES = {"smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
+
+
+class ExportError(ToolkitError, RuntimeError):
+    """The export cannot go ahead (e.g. unverified heads for a push); the message says what to do."""
+
+
+# Beside the packages in OUT: which files medusa-export wrote there (and their hashes). A package folder is replaced
+# only when it holds exactly those bytes: nothing the user wrote or edited in OUT/medusa or OUT/vllm is ever deleted.
+OWNED = ".medusa-export.json"
 
 
 @dataclass
@@ -42,6 +52,8 @@ class ExportInputs:
     plots: list[Path] = field(default_factory=list)
     license: str | None = None
     base_model_hub_id: str | None = None
+    heads_sha256: str | None = None  # MedusaHeads.content_hash() of `heads`; a report must name it to count
+    tree_sha256: str | None = None  # tree_digest of `tree`
 
 
 def resolve_formats(fmt: str | Sequence[str]) -> list[str]:
@@ -64,32 +76,30 @@ def repo_ids_for(repo_id: str | None, formats: Sequence[str]) -> dict[str, str |
     return {f: repo_id if f == "medusa" else f"{repo_id}-vllm" for f in formats}
 
 
-def base_metadata(base: str | None, online: bool = False) -> tuple[str | None, str | None]:
-    """(Hub id for the card's base_model, license) of a base model: known aliases, local/cached README, or (online)
-    the Hub's README."""
-    if base is None:
-        return None, None
-    if base in _KNOWN_BASES:
-        return _KNOWN_BASES[base]
+def base_license(hub_id: str | None, local: str | None = None, online: bool = False) -> str | None:
+    """The base model's license for the card's metadata: builtin aliases, a local/cached README, or (online) the Hub's.
+
+    A nicety: any failure gives None, never a failed export."""
+    for alias, (known_id, license_) in BUILTIN_HUB_IDS.items():
+        if hub_id == known_id or local == alias:
+            return license_
     from huggingface_hub import ModelCard, constants, try_to_load_from_cache
 
-    local = Path(base).expanduser()
-    hub_id = None if local.exists() or base.count("/") != 1 else base
-    readme = local / "README.md" if local.is_dir() else None
+    readme = Path(local).expanduser() / "README.md" if local and Path(local).expanduser().is_dir() else None
     if readme is None and hub_id is not None:
         cached = try_to_load_from_cache(hub_id, "README.md")
         readme = Path(cached) if isinstance(cached, str) else None
     try:
         if readme is not None and readme.is_file():
-            return hub_id, ModelCard.load(readme).data.license
+            return ModelCard.load(readme).data.license
         if online and hub_id is not None and not constants.HF_HUB_OFFLINE:
             from huggingface_hub import hf_hub_download
 
             path = hf_hub_download(hub_id, "README.md", endpoint=os.environ.get("HF_ENDPOINT"), etag_timeout=5)
-            return hub_id, ModelCard.load(path).data.license
-    except Exception:  # the license is a nicety: never fail an export over it
+            return ModelCard.load(path).data.license
+    except Exception:
         pass
-    return hub_id, None
+    return None
 
 
 def summarize_report(report: dict | None) -> dict | None:
@@ -184,10 +194,15 @@ def export_packages(
     repos = repo_ids_for(repo_id, formats)
     if inputs.base_model is None:
         inputs.base_model = inputs.heads.config.base_model_name_or_path
-    if inputs.license is None and inputs.base_model_hub_id is None:
-        inputs.base_model_hub_id, inputs.license = base_metadata(inputs.base_model, online=repo_id is not None)
+    if inputs.base_model_hub_id is None:
+        inputs.base_model_hub_id = base_hub_id(inputs.base_model)
+    if inputs.license is None:
+        inputs.license = base_license(inputs.base_model_hub_id, inputs.base_model, online=repo_id is not None)
+    if inputs.heads_sha256 is None:
+        inputs.heads_sha256 = inputs.heads.content_hash()
     # TGI loads base_model_name_or_path itself: give engines the Hub id when an alias maps to one.
     engine_base = inputs.base_model_hub_id or inputs.base_model
+    check_replaceable(out_dir, formats)  # before any work: never overwrite what we did not write
     tmp = Path(tempfile.mkdtemp(prefix=".export.tmp-", dir=out_dir))
     try:
         for fmt in formats:
@@ -215,6 +230,8 @@ def export_packages(
                 vllm_repo_id=repos.get("vllm"),
                 tree=inputs.tree,
                 verification=summarize_report(inputs.verification),
+                heads_sha256=inputs.heads_sha256,
+                tree_sha256=inputs.tree_sha256,
                 training_summary=inputs.training_summary,
                 plots=plots,
                 files=files,
@@ -223,16 +240,42 @@ def export_packages(
             build_model_card(info).save(folder / "README.md")
             for path in folder.rglob("*"):  # mkdtemp/safetensors leave owner-only modes; packages are for sharing
                 path.chmod(0o755 if path.is_dir() else 0o644)
-        done = {}
+        done, owned = {}, _read_owned(out_dir)
         for fmt in formats:
             final = out_dir / fmt
+            files = folder_files(tmp / fmt)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp / fmt, final)
+            owned[fmt] = files
             done[fmt] = final
+        (out_dir / OWNED).write_text(json.dumps(owned, indent=2) + "\n")
         return done
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-WEIGHT_FILES = {"medusa": WEIGHTS_NAME, "vllm": VLLM_WEIGHTS_NAME}
+def _read_owned(out_dir: Path) -> dict[str, dict[str, str]]:
+    try:
+        owned = json.loads((out_dir / OWNED).read_text())
+    except (OSError, ValueError):
+        return {}
+    return owned if isinstance(owned, dict) else {}
+
+
+def check_replaceable(out_dir: Path, formats: Sequence[str]) -> None:
+    """Refuse to replace a package folder that holds files medusa-export did not write there (or that were edited)."""
+    owned = _read_owned(out_dir)
+    for fmt in formats:
+        final = out_dir / fmt
+        if not final.exists():
+            continue
+        present = folder_files(final) if final.is_dir() else {"": "not a folder"}
+        ours = owned.get(fmt) or {}
+        foreign = sorted(rel for rel, digest in present.items() if ours.get(rel) != digest)
+        if foreign or not final.is_dir():
+            shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise ExportError(
+                f"{final} already exists and holds files medusa-export did not write there ({shown or final.name}); "
+                "nothing was changed. Export to another --out, or move those files away"
+            )

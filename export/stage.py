@@ -1,29 +1,26 @@
-"""The `export` stage and the pieces medusa-export shares with it: gather a run's artefacts, gate pushes on
-verification, write the packages, push them."""
+"""The `export` stage and what medusa-export shares with it: gather a run's artefacts, gate pushes on a verification
+report that names exactly these heads, write the packages, push them."""
 
 from __future__ import annotations
 
 import json
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from medusa_toolkit.config import ToolkitConfig
-from medusa_toolkit.errors import ToolkitError
-from medusa_toolkit.export.hub import HubPushError, PushResult, push_folder
-from medusa_toolkit.export.model_card import verification_verdict
-from medusa_toolkit.export.package import ExportInputs, export_packages, repo_ids_for, resolve_formats
+from medusa_toolkit.export.model_card import report_mismatch, verification_verdict
+from medusa_toolkit.export.package import ExportError, ExportInputs, export_packages, repo_ids_for, resolve_formats
 from medusa_toolkit.heads import HeadsLoadError, MedusaHeads
-from medusa_toolkit.medusa_model import load_heads
+from medusa_toolkit.hub import PushResult, push_folder
+from medusa_toolkit.models import base_hub_id
+from medusa_toolkit.tree import MedusaTree, TreeError, tree_digest
 
 
-class ExportError(ToolkitError, RuntimeError):
-    """The export cannot go ahead (e.g. unverified heads for a push); the message says what to do."""
-
-
-def read_json(path: str | Path | None) -> dict | None:
+def read_json(path: str | Path | None) -> dict | list | None:
     """A JSON file's content, or None when the path is None or missing."""
     if path is None or not Path(path).is_file():
         return None
@@ -33,15 +30,24 @@ def read_json(path: str | Path | None) -> dict | None:
         raise ExportError(f"{path} is not valid JSON: {e}") from None
 
 
-def check_push_allowed(verification: dict | None, allow_unverified: bool, source: str = "the run") -> None:
-    """Refuse to publish heads whose verification failed or is missing, unless explicitly allowed."""
-    verdict = verification_verdict(verification)
-    if verdict is True or allow_unverified:
+def check_push_allowed(inputs: ExportInputs, allow_unverified: bool, source: str = "the run") -> None:
+    """Refuse to publish heads unless a passing verify report names exactly these heads (and the shipped tree)."""
+    verdict = verification_verdict(inputs.verification)
+    mismatch = report_mismatch(inputs.verification, inputs.heads_sha256, inputs.tree_sha256)
+    if verdict is True and mismatch is None:
         return
-    why = "failed verification" if verdict is False else "have no passing verification report"
+    if allow_unverified:
+        warnings.warn(f"pushing heads without a passing verification report for them ({source})", stacklevel=2)
+        return
+    if verdict is True:
+        why = f"the passing report ({source}) is not about these heads: {mismatch}"
+    elif verdict is False:
+        why = f"the heads failed verification ({source})"
+    else:
+        why = f"the heads have no passing verification report ({source})"
     raise ExportError(
-        f"refusing to push: the heads {why} ({source}). Run the verify stage (medusa-verify) first, or pass "
-        "--allow-unverified (export.allow_unverified: true) to publish anyway"
+        f"refusing to push: {why}. Run the verify stage (medusa-verify --heads <these heads> --report ...) and pass "
+        "its report, or pass --allow-unverified (export.allow_unverified: true) to publish anyway"
     )
 
 
@@ -80,54 +86,85 @@ def load_base_parts(
         return None, None
 
 
-def gather_inputs(
-    heads: str | Path | MedusaHeads,
-    run_dir: str | Path | None = None,
-    *,
-    base_model: str | None = None,
-    tree: str | Path | None = None,
-    verification: str | Path | None = None,
-    lm_head_weight: torch.Tensor | None = None,
-    tokenizer: object = None,
-    include_tokenizer: bool = True,
-    log: Callable = print,
-) -> ExportInputs:
-    """Heads plus the run's tree.json, verify report, training summary, resolved config and PNG plots (when present)."""
+def _tree_record(tree: str | Path | None) -> tuple[dict | None, str | None]:
+    """(tree.json content, its content hash) of a tree file; a bare medusa_choices list is accepted."""
+    data = read_json(tree)
+    if data is None:
+        return None, None
+    if isinstance(data, list):
+        data = {"paths": data, "top_k": max(max(p) for p in data) + 1}
+    try:
+        parsed = MedusaTree.from_paths(data.get("paths"), top_k=data.get("top_k"))
+    except TreeError as e:
+        raise ExportError(f"{tree}: {e}") from None
+    return data, tree_digest(parsed)
+
+
+@dataclass
+class ExportRequest:
+    """Where everything comes from. Paths default to the run dir's artefacts."""
+
+    heads: str | Path | MedusaHeads
+    run_dir: Path | None = None
+    base_model: str | None = None  # name_or_path to load the base from (lm_head, tokenizer)
+    base_model_id: str | None = None  # the Hub id written into the packages
+    tree: str | Path | None = None
+    verification: str | Path | None = None
+    include_tokenizer: bool = True
+
+
+def gather_inputs(req: ExportRequest, *, push: bool = False, allow_unverified: bool = False, log: Callable = print):
+    """Heads plus the run's tree.json, verify report, training summary, resolved config and PNG plots (when present).
+
+    Cheap things first: the heads, the tree and the report are read and (for a push) the gate is checked before the
+    base model is loaded for its lm_head or tokenizer.
+    """
+    heads = req.heads
     heads_dir = Path(heads) if not isinstance(heads, MedusaHeads) and Path(heads).is_dir() else None
     if not isinstance(heads, MedusaHeads):
-        try:
-            heads = load_heads(heads)
-        except HeadsLoadError as e:
-            raise ExportError(str(e)) from None
-    run = Path(run_dir) if run_dir is not None else None
-    tree_path = Path(tree) if tree else (run / "tree" / "tree.json" if run else None)
-    if tree and not Path(tree).is_file():
-        raise ExportError(f"tree file not found: {tree}")
-    report_path = Path(verification) if verification else (run / "verify" / "report.json" if run else None)
-    if verification and not Path(verification).is_file():
-        raise ExportError(f"verification report not found: {verification}")
-    tree_data = read_json(tree_path)
-    if isinstance(tree_data, list):  # a bare medusa_choices list
-        tree_data = {"paths": tree_data, "top_k": max(max(p) for p in tree_data) + 1}
+        heads = MedusaHeads.from_pretrained(heads)
+    run = req.run_dir
+    if req.tree and not Path(req.tree).is_file():
+        raise ExportError(f"tree file not found: {req.tree}")
+    if req.verification and not Path(req.verification).is_file():
+        raise ExportError(f"verification report not found: {req.verification}")
+    tree_path = Path(req.tree) if req.tree else (run / "tree" / "tree.json" if run else None)
+    report_path = Path(req.verification) if req.verification else (run / "verify" / "report.json" if run else None)
+    tree_data, tree_sha = _tree_record(tree_path)
+    base = req.base_model or heads.config.base_model_name_or_path
+    hub_id = base_hub_id(req.base_model_id) or base_hub_id(base)
+    if req.base_model_id and not base_hub_id(req.base_model_id):
+        raise ExportError(f"--base-model-id {req.base_model_id!r} is not a Hub id; use ORG/NAME")
+    inputs = ExportInputs(
+        heads=heads, base_model=base, base_model_hub_id=hub_id, tree=tree_data, tree_sha256=tree_sha,
+        heads_sha256=heads.content_hash(), verification=read_json(report_path),
+    )  # fmt: skip
+    if push:
+        if hub_id is None:
+            raise ExportError(
+                f"a pushed package must name its base by a Hub id, and {base!r} is none (a local path or unknown): "
+                "pass --base-model-id ORG/NAME (export.base_model_id)"
+            )
+        check_push_allowed(inputs, allow_unverified, str(report_path) if report_path else "no report given")
+    elif hub_id is None:
+        warnings.warn(
+            f"the packages name the base as {base!r}, which is not a Hub id: engines on other machines cannot load it; "
+            "pass --base-model-id ORG/NAME (a push requires it)",
+            stacklevel=2,
+        )
     plots = []
     for folder in [heads_dir, run / "tree" if run else None, run / "verify" if run else None]:
         if folder is not None and folder.is_dir():
             plots += sorted(folder.glob("*.png"))
     config_path = run / "config.resolved.yaml" if run else None
-    base = base_model or heads.config.base_model_name_or_path
-    if lm_head_weight is None and tokenizer is None:
-        lm_head_weight, tokenizer = load_base_parts(base, heads.head_type == "shared_lm_head", include_tokenizer, log)
-    return ExportInputs(
-        heads=heads,
-        base_model=base,
-        lm_head_weight=lm_head_weight,
-        tokenizer=tokenizer if include_tokenizer else None,
-        tree=tree_data,
-        verification=read_json(report_path),
-        training_summary=read_json(heads_dir / "training_summary.json") if heads_dir else None,
-        config_yaml=config_path.read_text() if config_path and config_path.is_file() else None,
-        plots=plots,
+    inputs.lm_head_weight, tokenizer = load_base_parts(
+        base, heads.head_type == "shared_lm_head", req.include_tokenizer, log
     )
+    inputs.tokenizer = tokenizer if req.include_tokenizer else None
+    inputs.training_summary = read_json(heads_dir / "training_summary.json") if heads_dir else None
+    inputs.config_yaml = config_path.read_text() if config_path and config_path.is_file() else None
+    inputs.plots = plots
+    return inputs
 
 
 def push_packages(
@@ -153,31 +190,38 @@ def push_packages(
     ]  # fmt: skip
 
 
+def export(cfg: ToolkitConfig, req: ExportRequest, out_dir: Path, log: Callable = print) -> dict[str, Path]:
+    """Write the configured packages into out_dir (and push them when export.push_to_hub is set)."""
+    from medusa_toolkit.models import resolve_dtype
+
+    ex = cfg.export
+    formats = resolve_formats(ex.formats)
+    try:
+        inputs = gather_inputs(req, push=bool(ex.push_to_hub), allow_unverified=ex.allow_unverified, log=log)
+    except HeadsLoadError as e:
+        raise ExportError(str(e)) from None
+    dtype = resolve_dtype(ex.dtype) if ex.dtype else None
+    folders = export_packages(inputs, out_dir, formats, dtype=dtype, repo_id=ex.push_to_hub)
+    for fmt, folder in folders.items():
+        log(f"[export] {fmt} package: {folder}")
+    if ex.push_to_hub:
+        for r in push_packages(
+            folders, ex.push_to_hub, private=ex.private, revision=ex.revision, create_pr=ex.create_pr,
+            commit_message=ex.commit_message, log=log,
+        ):  # fmt: skip
+            log(f"[export] {r.repo_id}: {r.pr_url or r.commit_url}")
+    return folders
+
+
 def run_export(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     """The `export` stage: run_dir/heads (+ tree, verify report) -> out_dir/medusa, out_dir/vllm; push if configured."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return  # one writer; the runner's barrier keeps the other ranks in step
-    ex = cfg.export
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    formats = resolve_formats(ex.formats)
-    if ex.push_to_hub:  # before any loading: an unverified push fails fast
-        check_push_allowed(read_json(run_dir / "verify" / "report.json"), ex.allow_unverified, str(run_dir / "verify"))
-    inputs = gather_inputs(
-        run_dir / "heads", run_dir, base_model=cfg.model.name_or_path, include_tokenizer=ex.include_tokenizer
-    )
-    from medusa_toolkit.models import resolve_dtype
-
-    dtype = resolve_dtype(ex.dtype) if ex.dtype else None
-    folders = export_packages(inputs, out_dir, formats, dtype=dtype, repo_id=ex.push_to_hub)
-    for fmt, folder in folders.items():
-        print(f"[export] {fmt} package: {folder}")
-    if ex.push_to_hub:
-        try:
-            push_packages(
-                folders, ex.push_to_hub, private=ex.private, revision=ex.revision, create_pr=ex.create_pr,
-                commit_message=ex.commit_message,
-            )  # fmt: skip
-        except HubPushError as e:
-            raise ExportError(str(e)) from None
+    run_dir = Path(run_dir)
+    req = ExportRequest(
+        run_dir / "heads", run_dir, base_model=cfg.model.name_or_path, base_model_id=cfg.export.base_model_id,
+        include_tokenizer=cfg.export.include_tokenizer,
+    )  # fmt: skip
+    export(cfg, req, Path(out_dir))

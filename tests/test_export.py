@@ -16,11 +16,9 @@ from medusa_toolkit import MedusaHeads, MedusaModel
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.export import package as package_mod
 from medusa_toolkit.export.cli import main as export_main
-from medusa_toolkit.export.importers import load_any_heads
 from medusa_toolkit.export.package import ExportInputs, export_packages
-from medusa_toolkit.export.stage import ExportError, gather_inputs, run_export
+from medusa_toolkit.export.stage import ExportError, ExportRequest, gather_inputs, run_export
 from medusa_toolkit.heads import HeadsLoadError
-from medusa_toolkit.medusa_model import load_heads
 
 H, V = 64, 256
 
@@ -52,7 +50,7 @@ def test_round_trip_identical_logits_both_formats(tmp_path, lm_head, head_type):
         for fmt, folder in folders.items():
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # our own packages must load without config/weights disagreement
-                loaded = load_heads(folder)
+                loaded = MedusaHeads.from_pretrained(folder)
             assert loaded.head_type == head_type, fmt
             assert (loaded.num_heads, loaded.num_layers) == (3, 2)
             assert torch.equal(loaded(hidden, lm_head), expected), fmt
@@ -111,14 +109,14 @@ def test_upstream_folder_with_wrong_config_and_legacy_pt(tmp_path, lm_head):
     hidden = torch.randn(3, H)
     expected = heads.float()(hidden)
     with pytest.warns(UserWarning, match="medusa_num_heads=2 but the weights hold 4"):
-        loaded = load_any_heads(folder)
+        loaded = MedusaHeads.from_pretrained(folder)
     assert loaded.num_heads == 4 and torch.equal(loaded(hidden), expected)
 
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     torch.save({k.removeprefix("heads."): v for k, v in heads.state_dict().items()}, legacy / "medusa_lm_head.pt")
-    assert torch.equal(load_any_heads(legacy)(hidden), expected)
-    assert torch.equal(load_any_heads(legacy / "medusa_lm_head.pt")(hidden), expected)
+    assert torch.equal(MedusaHeads.from_pretrained(legacy)(hidden), expected)
+    assert torch.equal(MedusaHeads.from_pretrained(legacy / "medusa_lm_head.pt")(hidden), expected)
 
 
 class _Payload:
@@ -138,7 +136,7 @@ def test_legacy_pt_with_code_is_refused_not_executed(tmp_path):
     with open(bad / "medusa_lm_head.pt", "wb") as f:
         pickle.dump({"0.0.linear.weight": _Payload(marker)}, f)
     with pytest.raises(HeadsLoadError, match="weights_only"):
-        load_any_heads(bad)
+        MedusaHeads.from_pretrained(bad)
     assert not marker.exists()
 
 
@@ -148,7 +146,7 @@ def test_vllm_import_warns_on_config_mismatch_and_model_loads_it(tmp_path, lm_he
     cfg = json.loads((vllm / "config.json").read_text())
     (vllm / "config.json").write_text(json.dumps(dict(cfg, num_heads=5)))
     with pytest.warns(UserWarning, match="num_heads=5 but the weights hold 3"):
-        loaded = load_heads(vllm)
+        loaded = MedusaHeads.from_pretrained(vllm)
     assert loaded.num_heads == 3
 
     class Base(torch.nn.Module):  # the smallest base MedusaModel accepts: only the lm_head matters here
@@ -170,7 +168,7 @@ def test_shared_heads_need_the_base(tmp_path):
     heads = random_heads("shared_lm_head")
     heads.config.base_model_name_or_path = None
     with pytest.raises(ExportError, match="--base-model"):
-        gather_inputs(heads, include_tokenizer=False)
+        gather_inputs(ExportRequest(heads, include_tokenizer=False))
     with pytest.raises(ValueError, match="lm_head"):
         export_packages(ExportInputs(heads), tmp_path, "medusa")
 
@@ -187,7 +185,16 @@ def test_export_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         export_packages(ExportInputs(random_heads("per_head_lm_head", seed=1)), tmp_path, "all")
     assert (tmp_path / "medusa" / "medusa_lm_head.safetensors").read_bytes() == before  # old package intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["medusa", "vllm"]  # no half-written temp folder left
+    # no half-written temp folder left (only the packages and the record of what medusa-export wrote)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".medusa-export.json", "medusa", "vllm"]
+
+
+def bound_settings(heads: MedusaHeads, tree: dict | None) -> dict:
+    """The report settings that name exactly these heads and this tree (what medusa-verify writes)."""
+    from medusa_toolkit.tree import MedusaTree, tree_digest
+
+    tree_sha = tree_digest(MedusaTree.from_paths(tree["paths"], top_k=tree.get("top_k"))) if tree else None
+    return {"heads_sha256": heads.content_hash(), "tree_sha256": tree_sha}
 
 
 def _fake_run(run_dir: Path) -> MedusaHeads:
@@ -207,8 +214,9 @@ def _fake_run(run_dir: Path) -> MedusaHeads:
     plt.savefig(run_dir / "tree" / "tree.png")
     plt.close()
     (run_dir / "verify").mkdir()
-    report = {  # medusa-verify's report.json schema (verify/report.py)
-        "schema_version": 1,
+    report = {  # medusa-verify's report.json schema (verify/report.py), naming the heads and tree it verified
+        "schema_version": 2,
+        "settings": bound_settings(heads, tree),
         "verdict": {"status": "pass", "passed": True, "exit_code": 0, "reasons": []},
         "summary": {"prompts": 8, "passed": 8, "mismatches": 0, "mean_accept_length": 2.25,
                     "head_accuracy": [{"head": 0, "offset": 2, "top1": 0.7, "top5": 0.9, "count": 10}]},
@@ -241,13 +249,15 @@ def test_stage_packages_run_artefacts(tmp_path):
     )
     assert "![plots/tree.png](plots/tree.png)" in card
     hidden = torch.randn(2, H)
-    assert torch.equal(load_heads(out / "vllm")(hidden), heads(hidden))
+    assert torch.equal(MedusaHeads.from_pretrained(out / "vllm")(hidden), heads(hidden))
 
 
 def test_cli_exports_and_refuses_unverified_push(tmp_path, capsys):
     run_dir = tmp_path / "run"
     heads = _fake_run(run_dir)
-    (run_dir / "verify" / "report.json").write_text(json.dumps({"verdict": {"status": "fail", "passed": False}}))
+    settings = json.loads((run_dir / "verify" / "report.json").read_text())["settings"]
+    failed = {"settings": settings, "verdict": {"status": "fail", "passed": False}}
+    (run_dir / "verify" / "report.json").write_text(json.dumps(failed))
     out = tmp_path / "out"
     rc = export_main(
         ["--heads", str(run_dir / "heads"), "--out", str(out), "--push-to-hub", "me/heads", "--no-tokenizer"]
@@ -268,7 +278,7 @@ def test_cli_exports_and_refuses_unverified_push(tmp_path, capsys):
     )
     assert rc == 0 and "FAILED" in (out / "medusa" / "README.md").read_text()
     hidden = torch.randn(2, H)
-    loaded = load_heads(out / "medusa")
+    loaded = MedusaHeads.from_pretrained(out / "medusa")
     assert loaded.heads[0][0].linear.weight.dtype == torch.float32
     assert torch.equal(loaded.heads[0][0].linear.weight, heads.heads[0][0].linear.weight.bfloat16().float())
     assert torch.allclose(loaded(hidden), heads(hidden), atol=0.1)

@@ -220,6 +220,6 @@ def test_default_tolerances_order():
 
 def test_validate_report_flags_problems():
     assert validate_report({"schema_version": 1}) != []
-    bad = {"schema_version": 2, "tool": "x"}
+    bad = {"schema_version": 3, "tool": "x"}
     errors = validate_report(bad)
     assert any("schema_version" in e for e in errors) and any("missing key 'prompts'" in e for e in errors)

@@ -1,15 +1,20 @@
 """The verifier's results: dataclasses, the report.json schema, the JUnit XML writer and the terminal summary table.
 
-report.json (schema_version 1) is `VerifyReport.to_dict()`:
+report.json (schema_version 2) is `VerifyReport.to_dict()`:
 
-    schema_version   int, 1
+    schema_version   int, 2 (2 added the content hashes in settings)
     tool             "medusa-verify"
     toolkit_version  str
     created          str, ISO 8601 UTC time
     verdict          {status: "pass" | "fail" | "low_acceptance", passed: bool, exit_code: 0 | 1 | 3, reasons: [str]}
-    settings         {base, heads, tree: {name, paths, num_nodes, depth, top_k}, dtype, attn_implementation,
-                      reference_attn_implementation, device, max_new_tokens, num_prompts, prompts_source, batch_size,
-                      strict, tie_tolerance, min_accept_length}
+    settings         {base, base_fingerprint, heads, heads_sha256, tree: {name, paths, num_nodes, depth, top_k},
+                      tree_sha256, dtype, attn_implementation, reference_attn_implementation, device, max_new_tokens,
+                      num_prompts, available_prompts, prompts_source, batch_size, strict, tie_tolerance,
+                      min_accept_length}
+
+`heads_sha256` (MedusaHeads.content_hash of the heads as loaded, before any dtype cast) and `tree_sha256` (paths and
+top-k) name exactly what was verified: medusa-export's push gate and model card accept the report only for heads and a
+tree with the same hashes. `num_prompts` of `available_prompts` were checked.
     summary          {prompts, passed, ties, mismatches, errors, reference_tokens, medusa_tokens, steps,
                       mean_accept_length, accept_length_histogram: {"<accept length>": count},
                       head_accuracy: [{head, offset, top1, top5, count}],
@@ -36,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Results
@@ -159,9 +164,13 @@ REPORT_SCHEMA: dict = {
         },
         "settings": {
             "type": "object",
-            "required": ["base", "heads", "tree", "dtype", "attn_implementation", "max_new_tokens", "num_prompts",
-                         "batch_size", "strict", "tie_tolerance", "min_accept_length"],
+            "required": ["base", "heads", "heads_sha256", "tree", "tree_sha256", "dtype", "attn_implementation",
+                         "max_new_tokens", "num_prompts", "available_prompts", "batch_size", "strict", "tie_tolerance",
+                         "min_accept_length"],
             "properties": {
+                "heads_sha256": _STR,
+                "tree_sha256": _STR,
+                "available_prompts": _INT,
                 "tree": {"type": "object", "required": ["name", "paths", "num_nodes", "depth", "top_k"]},
                 "dtype": {"enum": ["float32", "bfloat16", "float16"]},
                 "max_new_tokens": _INT,
@@ -362,6 +371,9 @@ def summary_table(report: VerifyReport, max_rows: int = 50) -> str:
     lines = [
         f"medusa-verify  base={st.get('base')}  heads={st.get('heads')}  tree={st['tree'].get('name')} "
         f"({st['tree'].get('num_nodes')} nodes)  dtype={st.get('dtype')}  attn={st.get('attn_implementation')}",
+        f"checked {s['prompts']} of {st.get('available_prompts', s['prompts'])} prompts from "
+        f"{st.get('prompts_source') or 'the given list'}; heads sha256 {str(st.get('heads_sha256'))[:16]}..., "
+        f"tree sha256 {str(st.get('tree_sha256'))[:16]}...",
         "",
         f"{'#':>4}  {'status':<8} {'tokens':>6} {'steps':>5} {'accept':>6}  first divergence",
     ]

@@ -338,9 +338,16 @@ def verify_heads(
             bar.set_postfix(status=result.status, accept=f"{result.mean_accept_length:.2f}",
                             tok_s=f"{result.medusa_tokens / result.medusa_time_s:.1f}")  # fmt: skip
     summary = summarize(results, hits)
+    from medusa_toolkit.models import base_fingerprint
+    from medusa_toolkit.tree import tree_digest
+
+    base_name = (settings or {}).get("base")
     full_settings = {
-        "base": None, "heads": None, "prompts_source": None,
+        "base": None, "heads": None, "prompts_source": None, "available_prompts": len(rendered),
         **(settings or {}),
+        # What this report vouches for, by content: the push gate and the model card check these.
+        "heads_sha256": model.heads_sha256, "tree_sha256": tree_digest(tree),
+        "base_fingerprint": base_fingerprint(base_name) if isinstance(base_name, str) else None,
         "tree": {"name": tree.name, "paths": [list(p) for p in tree.paths], "num_nodes": tree.num_nodes,
                  "depth": tree.depth, "top_k": tree.top_k},
         "dtype": dtype, "attn_implementation": attn_implementation, "reference_attn_implementation": "sdpa",
@@ -358,33 +365,52 @@ def write_outputs(report: VerifyReport, report_path: str | Path | None, junit_pa
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The pipeline stage
+# What medusa-verify and the pipeline's verify stage share
+
+DEFAULT_NUM_PROMPTS = 8  # prompts checked from a named set (chitchat, builtin) when verify.num_prompts is null
+
+
+def select_prompts(v: Any) -> tuple[list[str], int]:
+    """The prompts to check and how many the source holds: every prompt of a file unless `verify.num_prompts` says
+    otherwise (a CI gate given a file checks all of it), DEFAULT_NUM_PROMPTS of a named set."""
+    from medusa_toolkit.prompts import load_prompts
+
+    if v.prompts in ("chitchat", "builtin"):
+        available = load_prompts(v.prompts, split="heldout")
+        num = v.num_prompts or DEFAULT_NUM_PROMPTS
+    else:
+        available = load_prompts("file", path=v.prompts, field=v.prompt_field)
+        num = v.num_prompts or len(available)
+    return available[:num], len(available)
+
+
+def load_verify_model(cfg: Any, heads: str | Path, tree: Any):
+    """Heads (cheap, first), the tree checked against them, then the base in verify.dtype: (MedusaModel, MedusaTree)."""
+    from medusa_toolkit.heads import MedusaHeads
+    from medusa_toolkit.medusa_model import MedusaModel
+    from medusa_toolkit.models import load_base_model
+    from medusa_toolkit.tree import MedusaTree
+
+    loaded = MedusaHeads.from_pretrained(heads)
+    tree = MedusaTree.resolve(tree, loaded.num_heads)
+    dtype = cfg.verify.dtype or cfg.model.dtype
+    base, tokenizer = load_base_model(cfg.model.name_or_path, dtype=dtype, device=cfg.model.device)
+    return MedusaModel(base, loaded, tokenizer), tree
 
 
 def run_verify(cfg: Any, run_dir: Path, out_dir: Path) -> None:
     """The `verify` stage: heads from run_dir/heads, tree from run_dir/tree/tree.json (else `verify.tree`/`tree.tree`
     when it names a preset or file, else a chain over all heads); writes out_dir/report.json and out_dir/junit.xml.
 
-    It never raises on a failed verification: the report's verdict gates export (and CI reads the exit code of
-    `medusa-verify`).
+    It never raises on a failed verification: the report's verdict gates export, and `medusa-train` exits with it.
     """
     import torch.distributed as dist
-
-    from medusa_toolkit.medusa_model import MedusaModel, load_heads
-    from medusa_toolkit.models import load_base_model
-    from medusa_toolkit.prompts import load_prompts
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return  # one process verifies; the runner's barrier waits for it
     v = cfg.verify
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    prompts = _load_prompts(v.prompts, v.prompt_field, v.num_prompts, load_prompts)
-    heads = load_heads(run_dir / "heads")
-    dtype = v.dtype or cfg.model.dtype
-    base, tokenizer = load_base_model(
-        cfg.model.name_or_path, dtype=dtype, device=cfg.model.device, attn_implementation="sdpa"
-    )
-    model = MedusaModel(base, heads, tokenizer)
+    prompts, available = select_prompts(v)
     tree_file = run_dir / "tree" / "tree.json"
     if v.tree:
         tree = v.tree
@@ -392,19 +418,15 @@ def run_verify(cfg: Any, run_dir: Path, out_dir: Path) -> None:
         tree = str(tree_file)
     else:
         tree = cfg.tree.tree if cfg.tree.tree != "auto" else None  # None: a chain over all heads
+    model, tree = load_verify_model(cfg, run_dir / "heads", tree)
     report = verify_heads(
-        model, tokenizer, prompts, tree=tree, max_new_tokens=v.max_new_tokens, attn_implementation=v.attn_implementation,
-        tie_tolerance=v.tie_tolerance, strict=v.strict, min_accept_length=v.min_accept_length, batch_size=v.batch_size,
-        use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt,
-        settings={"base": cfg.model.name_or_path, "heads": str(run_dir / "heads"), "prompts_source": v.prompts},
+        model, model.tokenizer, prompts, tree=tree, max_new_tokens=v.max_new_tokens,
+        attn_implementation=v.attn_implementation, tie_tolerance=v.tie_tolerance, strict=v.strict,
+        min_accept_length=v.min_accept_length, batch_size=v.batch_size, use_chat_template=cfg.data.use_chat_template,
+        system_prompt=cfg.data.system_prompt,
+        settings={"base": cfg.model.name_or_path, "heads": str(run_dir / "heads"), "prompts_source": v.prompts,
+                  "available_prompts": available},
         progress=cfg.logging.progress,
     )  # fmt: skip
     write_outputs(report, out_dir / "report.json", out_dir / "junit.xml")
     print(summary_table(report))
-
-
-def _load_prompts(source: str, field: str, num: int | None, load_prompts: Any) -> list[str]:
-    """chitchat (held-out split), builtin, or a prompts file (any path, with or without a suffix)."""
-    if source in ("chitchat", "builtin"):
-        return load_prompts(source, split="heldout", num=num)
-    return load_prompts("file", path=source, field=field, num=num)
