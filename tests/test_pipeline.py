@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import yaml
 from huggingface_hub import HfApi
 from train_helpers import tiny_model_dir
 
-from medusa_toolkit import MedusaTree
-from medusa_toolkit.export.importers import load_any_heads
+from medusa_toolkit import MedusaHeads, MedusaTree
 from medusa_toolkit.train.cli import main as train_main
 
 TOKEN = "hf_test_token"
@@ -29,7 +27,7 @@ def write_config(tmp_path, model_dir, push: str | None) -> str:
         "tree": {"max_nodes": 8, "top_k": 4, "num_calibration_prompts": 2, "num_validation_prompts": 2,
                  "calibration_max_new_tokens": 16, "latency_repeats": 1, "prefix_length": 16},
         "verify": {"prompts": "builtin", "num_prompts": 2, "max_new_tokens": 16, "attn_implementation": "sdpa"},
-        "export": {"formats": ["medusa", "vllm"], "push_to_hub": push},
+        "export": {"formats": ["medusa", "vllm"], "push_to_hub": push, "base_model_id": "org/tiny-base"},
         "logging": {"wandb_mode": "disabled", "progress": False},
     }  # fmt: skip
     path = tmp_path / "config.yaml"
@@ -64,7 +62,7 @@ def test_whole_pipeline_then_cached_rerun(tmp_path, hub_env, capsys):
     assert (run / "verify" / "junit.xml").is_file()
     for fmt in ("medusa", "vllm"):
         assert (run / "export" / fmt / "README.md").is_file() and (run / "export" / fmt / "config.json").is_file()
-    assert load_any_heads(run / "export" / "medusa").num_heads == 3
+    assert MedusaHeads.from_pretrained(run / "export" / "medusa").num_heads == 3
     # pushed: one commit per package to the local Hub
     assert [c["repo"] for c in hub.state.commits] == ["me/tiny-medusa", "me/tiny-medusa-vllm"]
     assert "medusa_lm_head.safetensors" in HfApi(endpoint=hub.endpoint).list_repo_files("me/tiny-medusa")
@@ -90,8 +88,9 @@ def test_run_killed_mid_pipeline_resumes(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tune_tree, "run_tree", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train_main([config, "--stages", "data,train,tree"])
+    assert train_main([config, "--stages", "data,train,tree"]) == 130  # Ctrl-C: one line saying how to go on
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
     run = tmp_path / "run"
     assert (run / "heads" / "manifest.json").is_file() and not (run / "tree").exists()
 

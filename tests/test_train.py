@@ -30,7 +30,7 @@ def tiny(tmp_path_factory):
     return model, data_run, tokens
 
 
-def _run(tmp_path: Path, tiny, name: str, stop_at=None, **train) -> tuple[MedusaHeads, Path]:
+def _run(tmp_path: Path, tiny, name: str, **train) -> tuple[MedusaHeads, Path]:
     model, data_run, _ = tiny
     run = tmp_path / name
     if not (run / "data").exists():
@@ -39,7 +39,19 @@ def _run(tmp_path: Path, tiny, name: str, stop_at=None, **train) -> tuple[Medusa
     cfg = config_from_dict(base_config(model, **train))
     out = run / "heads"
     out.mkdir(exist_ok=True)
-    return trainer.train(cfg, run, out, stop_at=stop_at), out
+    return trainer.train(cfg, run, out), out
+
+
+def _interrupt_after_checkpoint(monkeypatch, step: int) -> None:
+    """Ctrl-C right after the checkpoint of `step` is written (what a user killing the run would leave)."""
+    real = trainer.save_checkpoint
+
+    def save_then_interrupt(engine, run_dir, progress, *args):
+        real(engine, run_dir, progress, *args)
+        if progress.step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_interrupt)
 
 
 def heldout_top1(model_dir: Path, heads: MedusaHeads, tokens: torch.Tensor, head: int = 0) -> float:
@@ -74,13 +86,30 @@ def test_heads_learn_and_wrong_shift_fails(tmp_path, tiny, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), heads.state_dict().values()))
 
 
-def test_resume_equals_uninterrupted(tmp_path, tiny):
-    full, _ = _run(tmp_path, tiny, "full", max_steps=8, warmup_ratio=0.25)
-    _run(tmp_path, tiny, "resumed", stop_at=4, max_steps=8, warmup_ratio=0.25)
+def test_resume_equals_uninterrupted(tmp_path, tiny, monkeypatch):
+    common = {"max_steps": 8, "warmup_ratio": 0.25, "checkpoint_every": 4, "log_every": 3, "eval_every": 3}
+    full, full_out = _run(tmp_path, tiny, "full", **common)
+    with monkeypatch.context() as m:
+        _interrupt_after_checkpoint(m, 4)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, tiny, "resumed", **common)
     assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text().strip() == "step-0000004"
-    resumed, _ = _run(tmp_path, tiny, "resumed", max_steps=8, warmup_ratio=0.25, resume=True)
+    # A rerun without --resume must not silently throw the interrupted run away.
+    with pytest.raises(trainer.TrainError, match="--resume to continue"):
+        _run(tmp_path, tiny, "resumed", **common)
+    resumed, resumed_out = _run(tmp_path, tiny, "resumed", resume=True, **common)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # The summary and metrics history a resumed run writes equal an uninterrupted run's (log windows span the cut).
+    a, b = (json.loads((o / "training_summary.json").read_text()) for o in (full_out, resumed_out))
+    assert a["tokens"] == b["tokens"] > 0 and a["target_tokens"] == b["target_tokens"] > 0
+    for split in ("final_train", "final_heldout"):
+        for metric in ("loss", "top1", "top5"):
+            assert a[split][metric] == pytest.approx(b[split][metric], rel=1e-5), (split, metric)
+    assert 0 < b["tokens_per_s"] < 10 * a["tokens_per_s"] and b["train_time_s"] > 0
+    rows = [[json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()] for o in (full_out, resumed_out)]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [3, 6, 8]
+    assert [r["tokens"] for r in rows[0]] == [r["tokens"] for r in rows[1]]
     # Resuming a checkpoint of another config is refused.
     with pytest.raises(trainer.TrainError, match="another config"):
         _run(tmp_path, tiny, "resumed", max_steps=9, resume=True)

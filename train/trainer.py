@@ -8,14 +8,14 @@ and every rank's RNG state.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -36,12 +36,12 @@ class TrainError(ToolkitError, ValueError):
     """Training cannot start (bad DeepSpeed file, incompatible checkpoint, ...); the message says what to do."""
 
 
-def config_hash(cfg: ToolkitConfig) -> str:
-    """Hash of everything the trained heads depend on (resume refuses a checkpoint from another config)."""
-    d = asdict(cfg)
-    d["train"] = {k: v for k, v in d["train"].items() if k != "resume"}
-    payload = {k: d[k] for k in ("model", "heads", "data", "train")}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def config_hash(cfg: ToolkitConfig, run_dir: Path) -> str:
+    """Hash of everything the trained heads depend on (the train stage's inputs: config, the data artefact's content,
+    the DeepSpeed JSON, the base); a checkpoint of another hash is never resumed."""
+    from medusa_toolkit.stages import STAGES, input_hash
+
+    return input_hash(cfg, STAGES["train"], Path(run_dir))[:16]
 
 
 def deepspeed_config(cfg: ToolkitConfig) -> dict:
@@ -134,9 +134,7 @@ class Teacher:
 def build_heads(cfg: ToolkitConfig, base) -> MedusaHeads:
     h = cfg.heads
     if h.init_from:
-        from medusa_toolkit.medusa_model import load_heads
-
-        heads = load_heads(h.init_from)
+        heads = MedusaHeads.from_pretrained(h.init_from)
         heads.check_compatible(base)
         return heads
     vocab, hidden = base.get_output_embeddings().weight.shape
@@ -156,27 +154,78 @@ def _gathered(engine):
     return contextlib.nullcontext()
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: the DeepSpeed state + Progress (step, token counts, metrics so far) + every rank's RNG state
+
+
+@dataclass
+class Progress:
+    """Where training is and what it measured so far. Checkpointed whole, so a resumed run's summary (tokens,
+    tokens/s, metrics history) equals an uninterrupted run's."""
+
+    step: int = 0
+    tokens: int = 0  # sequence tokens of the training batches, all ranks
+    target_tokens: int = 0  # positions with a head-0 target (trained tokens), all ranks
+    train_time_s: float = 0.0  # seconds inside training steps, summed over runs (not loading, not evaluation)
+    history: list[dict] = field(default_factory=list)
+    window: list[list[float]] | None = None  # per-head stats since the last log line, summed over ranks
+    window_tokens: int = 0
+    window_time_s: float = 0.0
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    # This rank's counts since the last sync (not checkpointed: a checkpoint syncs first).
+    pending: torch.Tensor | None = field(default=None, repr=False)
+    pending_tokens: int = 0
+
+    def add(self, stats: torch.Tensor, tokens: int, seconds: float) -> None:
+        self.pending = stats.detach().clone() if self.pending is None else self.pending + stats.detach()
+        self.pending_tokens += tokens
+        self.train_time_s += seconds
+        self.window_time_s += seconds
+
+    def sync(self) -> None:
+        """Fold every rank's pending counts into the totals (a collective: all ranks call it at the same steps)."""
+        if self.pending is None:
+            return
+        stats = D.all_reduce_sum(self.pending.clone())
+        tokens = int(D.all_reduce_sum(torch.tensor([self.pending_tokens], dtype=torch.float64))[0])
+        self.window = stats.tolist() if self.window is None else (torch.tensor(self.window) + stats.cpu()).tolist()
+        self.window_tokens += tokens
+        self.tokens += tokens
+        self.target_tokens += int(stats[0, 1])
+        self.pending, self.pending_tokens = None, 0
+
+    def state(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("pending", "pending_tokens")}
+
+
 def _checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(engine, run_dir: Path, step: int, state: dict) -> None:
-    """DeepSpeed checkpoint + data position + every rank's RNG state; keep the newest KEEP_CHECKPOINTS."""
+RUN_FILE = "run.json"  # in checkpoints/: which config the checkpoints belong to and how far that run got
+
+
+def save_checkpoint(engine, run_dir: Path, progress: Progress, chash: str, total_steps: int) -> None:
+    """DeepSpeed checkpoint + Progress + every rank's RNG state; keep the newest KEEP_CHECKPOINTS."""
     from safetensors.torch import save_file
 
+    progress.sync()
     ckpt = _checkpoint_dir(run_dir)
-    tag = f"step-{step:07d}"
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state=state)
+    tag = f"step-{progress.step:07d}"
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state={"progress": progress.state(), "config_hash": chash})
     save_file({"cpu": torch.get_rng_state()}, str(ckpt / tag / f"rng-rank{D.rank()}.safetensors"))
     D.barrier()
     if D.is_main():
         old = sorted(p for p in ckpt.glob("step-*") if p.is_dir())[:-KEEP_CHECKPOINTS]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
+        info = {"config_hash": chash, "step": progress.step, "total_steps": total_steps}
+        (ckpt / RUN_FILE).write_text(json.dumps(info) + "\n")
     D.barrier()
 
 
-def load_checkpoint(engine, run_dir: Path, chash: str) -> dict | None:
+def load_checkpoint(engine, run_dir: Path, chash: str) -> Progress | None:
     """Restore the latest checkpoint; None when there is none."""
     from safetensors.torch import load_file
 
@@ -195,7 +244,28 @@ def load_checkpoint(engine, run_dir: Path, chash: str) -> dict | None:
     rng = ckpt / tag / f"rng-rank{D.rank()}.safetensors"
     if rng.is_file():
         torch.set_rng_state(load_file(str(rng))["cpu"])
-    return state
+    return Progress(**state["progress"])
+
+
+def check_checkpoints(run_dir: Path, chash: str, resume: bool) -> None:
+    """Before a fresh (not --resume) run: refuse to silently discard an interrupted run of this same config; drop
+    checkpoints of other configs or of finished runs (they can never be resumed by this config)."""
+    ckpt = _checkpoint_dir(run_dir)
+    if resume or not ckpt.exists():
+        return
+    try:
+        info = json.loads((ckpt / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        info = {}
+    if info.get("config_hash") == chash and info.get("step", 0) < info.get("total_steps", 0):
+        raise TrainError(
+            f"{ckpt} holds an interrupted training run of this config (step {info['step']} of "
+            f"{info['total_steps']}): pass --resume to continue it, or --force to discard it and start over"
+        )
+    D.barrier()
+    if D.is_main():
+        shutil.rmtree(ckpt)  # another config's or a finished run's: never resumable by this config
+    D.barrier()
 
 
 def _wandb(cfg: ToolkitConfig, run_dir: Path, chash: str):
@@ -250,15 +320,35 @@ def evaluate(engine, teacher: Teacher, ds, offset: int, micro: int, max_len: int
     return D.all_reduce_sum(stats)
 
 
-def train(cfg: ToolkitConfig, run_dir: Path, out_dir: Path | None, stop_at: int | None = None) -> MedusaHeads:
-    """Train the heads; write them (rank 0) into out_dir. `stop_at`: checkpoint and return after that step (tests)."""
+# ----------------------------------------------------------------------------------------------------------------------
+# The recipe: setup, step, log + evaluate, checkpoint, save
+
+
+@dataclass
+class Setup:
+    """Everything a training run holds, built once by `setup`."""
+
+    engine: Any
+    heads: MedusaHeads
+    teacher: Teacher
+    train_ds: Any
+    eval_ds: Any
+    device: torch.device
+    micro: int
+    accum: int
+    global_batch: int
+    total_steps: int
+    config_hash: str
+
+
+def setup(cfg: ToolkitConfig, run_dir: Path) -> Setup:
+    """Data, frozen base, heads + loss, optimizer and schedule, DeepSpeed engine."""
     import deepspeed
 
-    D.init_distributed()
-    run_dir, t = Path(run_dir), cfg.train
-    start_time = time.time()
-    chash = config_hash(cfg)
+    t = cfg.train
+    chash = config_hash(cfg, run_dir)
     ds_config = deepspeed_config(cfg)  # before loading anything: a bad file fails fast
+    check_checkpoints(run_dir, chash, t.resume)
     train_ds, eval_ds = load_data(run_dir)
     if len(train_ds) == 0:
         raise TrainError(f"the data artefact in {run_dir / 'data'} has no training sequences; raise data.num_prompts")
@@ -266,145 +356,139 @@ def train(cfg: ToolkitConfig, run_dir: Path, out_dir: Path | None, stop_at: int 
     base, _ = load_base_model(cfg.model.name_or_path, cfg.model.dtype, device)
     torch.manual_seed(t.seed)
     heads = build_heads(cfg, base)
-    lm_head = base.get_output_embeddings().weight
     objective = MedusaObjective(
-        heads,
-        lm_head,
-        t.loss,
-        t.head_weight_decay,
-        t.kl_temperature,
-        t.kl_top_k,
+        heads, base.get_output_embeddings().weight, t.loss, t.head_weight_decay, t.kl_temperature, t.kl_top_k,
         getattr(base.config, "final_logit_softcapping", None),
-    )
+    )  # fmt: skip
 
-    micro, accum, world = (
-        t.micro_batch_size,
-        ds_config.get("gradient_accumulation_steps", t.gradient_accumulation_steps),
-        D.world_size(),
-    )
+    micro = t.micro_batch_size
+    accum = ds_config.get("gradient_accumulation_steps", t.gradient_accumulation_steps)
     if "train_batch_size" in ds_config:
         micro = ds_config.get("train_micro_batch_size_per_gpu", micro)
-        accum = ds_config["train_batch_size"] // (micro * world)
-    global_batch = micro * accum * world
+        accum = ds_config["train_batch_size"] // (micro * D.world_size())
+    global_batch = micro * accum * D.world_size()
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(train_ds) / global_batch))
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.9, 0.95))
         if "scheduler" not in ds_config:
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lr_lambda(total_steps, t.warmup_ratio, t.min_lr_ratio)
-            )
+            schedule = lr_lambda(total_steps, t.warmup_ratio, t.min_lr_ratio)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, *_ = deepspeed.initialize(
         model=objective, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    return Setup(
+        engine, heads, Teacher(base, t.teacher_cache), train_ds, eval_ds, device, micro, accum, global_batch,
+        total_steps, chash,
+    )  # fmt: skip
 
-    start_step, tokens_seen = 0, 0
-    if t.resume:
-        state = load_checkpoint(engine, run_dir, chash)
-        if state is not None:
-            start_step, tokens_seen = state["step"], state["tokens"]
-            if D.is_main():
-                print(f"[train] resumed from step {start_step} of {total_steps}")
-    elif D.is_main() and _checkpoint_dir(run_dir).exists():
-        shutil.rmtree(_checkpoint_dir(run_dir))  # a fresh run: stale checkpoints must never be resumed later
-    D.barrier()
 
-    teacher = Teacher(base, t.teacher_cache)
-    run = _wandb(cfg, run_dir, chash)
-    history: list[dict] = []
-    bar = tqdm(
-        total=total_steps,
-        initial=start_step,
-        unit="step",
-        desc="train",
-        disable=not D.is_main() or not cfg.logging.progress,
-    )
-    window_stats, window_tokens, window_start = None, 0, time.time()
-    train_metrics: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
-    for step in range(start_step, total_steps):
-        order = data_order(len(train_ds), t.seed, step * global_batch, global_batch)
-        for m in range(accum):
-            chunk = order[(m * world + D.rank()) * micro : (m * world + D.rank() + 1) * micro]
-            ids, mask, lengths = collate([train_ds[i] for i in chunk], t.max_seq_len, device)
-            hidden = teacher(chunk, ids, lengths)
-            loss, stats = engine(hidden, ids, mask)
-            engine.backward(loss)
-            engine.step()
-            window_stats = stats if window_stats is None else window_stats + stats
-            window_tokens += sum(lengths)
-        done = step + 1
-        if done % t.log_every == 0 or done == total_steps:
-            agg = D.all_reduce_sum(window_stats.clone())
-            n_tok = int(D.all_reduce_sum(torch.tensor([window_tokens], dtype=torch.float64))[0])
-            tokens_seen += n_tok
-            tok_s = n_tok / max(time.time() - window_start, 1e-9)
-            train_metrics = _metrics(agg, "train")
-            row = {
-                "step": done,
-                "tokens": tokens_seen,
-                "tokens_per_s": tok_s,
-                "lr": engine.get_lr()[0],
-                **train_metrics,
-            }
-            if done % t.eval_every == 0 or done == total_steps:
-                if len(eval_ds):
-                    eval_metrics = _metrics(
-                        evaluate(engine, teacher, eval_ds, len(train_ds), micro, t.max_seq_len, device), "eval"
-                    )
-                    row.update(eval_metrics)
-            history.append(row)
-            if run is not None:
-                run.log(row)
-            bar.set_postfix(
-                loss=f"{train_metrics['train/head0/loss']:.3f}",
-                acc0=f"{train_metrics['train/head0/top1']:.2f}",
-                tok_s=f"{tok_s:.0f}",
-                refresh=False,
-            )
-            window_stats, window_tokens, window_start = None, 0, time.time()
-        bar.update(1)
-        if done % t.checkpoint_every == 0 or done == stop_at:
-            save_checkpoint(
-                engine, run_dir, done, {"step": done, "tokens": tokens_seen, "config_hash": chash, "seed": t.seed}
-            )
-        if done == stop_at:
-            bar.close()
-            return heads
-    bar.close()
+def train_step(s: Setup, cfg: ToolkitConfig, progress: Progress) -> None:
+    """One optimizer step: `accum` micro batches per rank, at the data position the step number fixes."""
+    start = time.perf_counter()
+    world, rank, micro = D.world_size(), D.rank(), s.micro
+    order = data_order(len(s.train_ds), cfg.train.seed, progress.step * s.global_batch, s.global_batch)
+    stats, tokens = None, 0
+    for m in range(s.accum):
+        chunk = order[(m * world + rank) * micro : (m * world + rank + 1) * micro]
+        ids, mask, lengths = collate([s.train_ds[i] for i in chunk], cfg.train.max_seq_len, s.device)
+        hidden = s.teacher(chunk, ids, lengths)
+        loss, micro_stats = s.engine(hidden, ids, mask)
+        s.engine.backward(loss)
+        s.engine.step()
+        stats = micro_stats if stats is None else stats + micro_stats
+        tokens += sum(lengths)
+    progress.step += 1
+    progress.add(stats, tokens, time.perf_counter() - start)
 
-    with _gathered(engine):
-        final = MedusaHeads(**{k: v for k, v in _heads_args(heads).items()})
-        final.load_state_dict({k: v.detach().float().cpu() for k, v in heads.state_dict().items()})
+
+def log_and_evaluate(s: Setup, cfg: ToolkitConfig, progress: Progress, wandb_run, bar) -> None:
+    """At a log step: the window's per-head metrics (and held-out ones at an eval step) into the history."""
+    t, done = cfg.train, progress.step
+    progress.sync()
+    progress.train_metrics = _metrics(torch.tensor(progress.window, dtype=torch.float64), "train")
+    tok_s = progress.window_tokens / max(progress.window_time_s, 1e-9)
+    row = {"step": done, "tokens": progress.tokens, "tokens_per_s": tok_s, "lr": s.engine.get_lr()[0],
+           **progress.train_metrics}  # fmt: skip
+    if (done % t.eval_every == 0 or done == s.total_steps) and len(s.eval_ds):
+        stats = evaluate(s.engine, s.teacher, s.eval_ds, len(s.train_ds), s.micro, t.max_seq_len, s.device)
+        progress.eval_metrics = _metrics(stats, "eval")
+        row.update(progress.eval_metrics)
+    progress.history.append(row)
+    if wandb_run is not None:
+        wandb_run.log(row)
+    bar.set_postfix(loss=f"{progress.train_metrics['train/head0/loss']:.3f}",
+                    acc0=f"{progress.train_metrics['train/head0/top1']:.2f}", tok_s=f"{tok_s:.0f}", refresh=False)  # fmt: skip
+    progress.window, progress.window_tokens, progress.window_time_s = None, 0, 0.0
+
+
+def save_heads(
+    s: Setup, cfg: ToolkitConfig, progress: Progress, out_dir: Path | None, start_time: float
+) -> MedusaHeads:
+    """The trained heads (gathered under ZeRO-3) as float32; rank 0 writes them with the summary, metrics and plot."""
+    with _gathered(s.engine):
+        final = MedusaHeads(**_heads_args(s.heads))
+        final.load_state_dict({k: v.detach().float().cpu() for k, v in s.heads.state_dict().items()})
     if D.is_main() and out_dir is not None:
         final.save_pretrained(out_dir)
         summary = {
-            "steps": total_steps,
-            "tokens": tokens_seen,
-            "train_sequences": len(train_ds),
-            "heldout_sequences": len(eval_ds),
-            "world_size": world,
-            "global_batch": global_batch,
-            "loss": t.loss,
-            "head_type": heads.head_type,
-            "num_heads": heads.num_heads,
-            "final_train": _per_head(train_metrics, "train"),
-            "final_heldout": _per_head(eval_metrics, "eval"),
-            "tokens_per_s": tokens_seen / max(time.time() - start_time, 1e-9),
-            "wall_time_s": time.time() - start_time,
-            "config_hash": chash,
+            "steps": s.total_steps,
+            "tokens": progress.tokens,
+            "target_tokens": progress.target_tokens,
+            "train_sequences": len(s.train_ds),
+            "heldout_sequences": len(s.eval_ds),
+            "world_size": D.world_size(),
+            "global_batch": s.global_batch,
+            "loss": cfg.train.loss,
+            "head_type": s.heads.head_type,
+            "num_heads": s.heads.num_heads,
+            "final_train": _per_head(progress.train_metrics, "train"),
+            "final_heldout": _per_head(progress.eval_metrics, "eval"),
+            "tokens_per_s": progress.tokens / max(progress.train_time_s, 1e-9),
+            "train_time_s": progress.train_time_s,
+            "wall_time_s_this_run": time.time() - start_time,
+            "config_hash": s.config_hash,
         }
         (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-        (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-        _plot(history, heads.num_heads, out_dir / "accuracy.png")
+        (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in progress.history))
+        _plot(progress.history, s.heads.num_heads, out_dir / "accuracy.png")
         acc = ", ".join(f"{a:.2f}" for a in summary["final_heldout"].get("top1", []))
         print(
-            f"[train] {total_steps} steps, {tokens_seen} tokens in {summary['wall_time_s']:.0f}s; held-out top-1 per head: {acc}"
+            f"[train] {s.total_steps} steps, {progress.tokens} tokens ({summary['tokens_per_s']:.0f} tokens/s); "
+            f"held-out top-1 per head: {acc}"
         )
-    if run is not None:
-        run.finish()
+    return final
+
+
+def train(cfg: ToolkitConfig, run_dir: Path, out_dir: Path | None) -> MedusaHeads:
+    """Train the heads; rank 0 writes them into out_dir. Read top to bottom: setup, resume, steps, save."""
+    D.init_distributed()
+    run_dir, t, start_time = Path(run_dir), cfg.train, time.time()
+    s = setup(cfg, run_dir)
+    progress = (load_checkpoint(s.engine, run_dir, s.config_hash) if t.resume else None) or Progress()
+    if progress.step and D.is_main():
+        print(f"[train] resumed from step {progress.step} of {s.total_steps}")
+    wandb_run = _wandb(cfg, run_dir, s.config_hash)
+    bar = tqdm(total=s.total_steps, initial=progress.step, unit="step", desc="train",
+               disable=not D.is_main() or not cfg.logging.progress)  # fmt: skip
+    while progress.step < s.total_steps:
+        train_step(s, cfg, progress)
+        done = progress.step
+        if done % t.log_every == 0 or done == s.total_steps:
+            log_and_evaluate(s, cfg, progress, wandb_run, bar)
+        bar.update(1)
+        if done % t.checkpoint_every == 0 and done < s.total_steps:
+            save_checkpoint(s.engine, run_dir, progress, s.config_hash, s.total_steps)
+    bar.close()
+    if D.is_main() and _checkpoint_dir(run_dir).exists():  # finished: nothing left to resume
+        (_checkpoint_dir(run_dir) / RUN_FILE).write_text(
+            json.dumps({"config_hash": s.config_hash, "step": s.total_steps, "total_steps": s.total_steps}) + "\n"
+        )
+    final = save_heads(s, cfg, progress, out_dir, start_time)
+    if wandb_run is not None:
+        wandb_run.finish()
     D.barrier()
     return final
 
