@@ -2,35 +2,23 @@
 
 import pytest
 import torch
-from tiny import fit_heads, greedy_corpus, tiny_base
+from tiny import BRANCHING, fitted
 
-from medusa_toolkit import MedusaModel, medusa_generate
-from medusa_toolkit.batched import BatchGenerateOutput, medusa_generate_batch
+from medusa_toolkit import medusa_generate
+from medusa_toolkit.decoding import BatchGenerateOutput, medusa_generate_batch
 from medusa_toolkit.kernels.hf_attention import BACKEND_ENV
 
-BRANCHING = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]
 NEW = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: thread hand-offs cost more than they save (60x slower fitting on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def setup(one_thread):
-    base = tiny_base("llama", seed=1)
-    model = MedusaModel(base, fit_heads(base, num_heads=4, steps=120, seed=1))
-    corpus = greedy_corpus(base, seed=1)
+def setup():
+    model, corpus = fitted("llama")  # shared with test_decoding
     g = torch.Generator().manual_seed(7)
     # Very different lengths; corpus prefixes get long accepted paths, random prompts mostly rejections.
     prompts = [corpus[0, :4], torch.randint(0, 256, (45,), generator=g), torch.randint(0, 256, (1,), generator=g),
                corpus[3, :17]]  # fmt: skip
-    refs = [base.generate(p[None], do_sample=False, max_new_tokens=NEW)[0] for p in prompts]
+    refs = [model.base.generate(p[None], do_sample=False, max_new_tokens=NEW)[0] for p in prompts]
     return model, prompts, refs
 
 
@@ -76,7 +64,7 @@ def test_finished_rows_leave_the_batch_and_eos(setup):
     model.forward = spy
     try:
         ids, mask = pad(prompts, "left")
-        out = medusa_generate(model, ids, NEW, tree=BRANCHING, eos_token_id=eos, attention_mask=mask)
+        out = medusa_generate_batch(model, ids, mask, NEW, tree=BRANCHING, eos_token_id=eos)
     finally:
         del model.forward
     assert isinstance(out, BatchGenerateOutput)
@@ -91,8 +79,10 @@ def test_finished_rows_leave_the_batch_and_eos(setup):
 def test_batch_one_with_padding_and_bad_input(setup):
     model, prompts, refs = setup
     ids, mask = pad([prompts[0], prompts[3]], "left")
-    out = medusa_generate(model, ids[:1], 20, attention_mask=mask[:1])  # left-padded single prompt
+    out = medusa_generate_batch(model, ids[:1], mask[:1], 20)  # left-padded single prompt
     assert torch.equal(out.rows()[0], refs[0][: prompts[0].numel() + 20])
+    single = medusa_generate(model, ids[:1], 20, attention_mask=mask[:1])  # one prompt: its padding is dropped
+    assert torch.equal(single.sequences[0], refs[0][: prompts[0].numel() + 20])
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         medusa_generate_batch(model, ids, torch.tensor([[1] * ids.shape[1], [0] * ids.shape[1]]), 5)
     with pytest.raises(ValueError, match="attention_mask"):

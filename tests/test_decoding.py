@@ -2,26 +2,11 @@
 
 import pytest
 import torch
-from tiny import fit_heads, greedy_corpus, tiny_base
+from tiny import BRANCHING, fit_heads, fitted, greedy_corpus, tiny_base
 
 from medusa_toolkit import MedusaModel, MedusaTree, medusa_generate
 
-BRANCHING = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 0, 0]]
 TREES = ["chain-4", BRANCHING, "mc_sim_7b_63"]
-
-
-_MODELS: dict = {}
-
-
-def fitted(family: str):
-    """A tiny model of a family with heads fitted to its own greedy text, and that text (built once per family)."""
-    if family not in _MODELS:
-        base = tiny_base(family, seed=1)
-        _MODELS[family] = (
-            MedusaModel(base, fit_heads(base, num_heads=4, steps=120, seed=1)),
-            greedy_corpus(base, seed=1),
-        )
-    return _MODELS[family]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
@@ -77,7 +62,8 @@ def test_branching_tree_accepts_non_top1_candidates(setup):
         nonlocal used_rank
         step = original(tree_tokens, logits, buffers)
         paths = [(), *tree.paths]
-        used_rank |= any(any(r > 0 for r in paths[i]) for i in step.accepted_nodes.tolist())
+        accepted_nodes = step.nodes[0, : int(step.counts[0])]  # one prompt: row 0
+        used_rank |= any(any(r > 0 for r in paths[i]) for i in accepted_nodes.tolist())
         return step
 
     decoding.accept_greedy = spy

@@ -8,9 +8,8 @@ below 1e-20, far past any seed's luck.
 import pytest
 import torch
 from scipy import stats
-from tiny import fit_heads, greedy_corpus, tiny_base
+from tiny import fitted
 
-from medusa_toolkit import MedusaModel
 from medusa_toolkit import sampling as sampling_mod
 from medusa_toolkit.sampling import accept_lossless, logits_processor, medusa_sample, probabilities
 from medusa_toolkit.verify.distribution import check_sampling, parse_sampling_spec
@@ -25,11 +24,7 @@ def setup():
     """A 48-token model (a small vocabulary gives chi-square tests power) with a peaked-enough distribution."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they save
-    base = tiny_base("llama", seed=2, vocab=48)
-    with torch.no_grad():
-        base.lm_head.weight.mul_(6)  # a random init is nearly uniform; real LMs are peaked
-    model = MedusaModel(base, fit_heads(base, num_heads=2, steps=60, seed=2))
-    corpus = greedy_corpus(base, seed=2)
+    model, corpus = fitted("llama", seed=2, num_heads=2, steps=60, lm_head_scale=6.0, vocab=48)
     yield model, [corpus[0, :6], corpus[1, :5]]
     torch.set_num_threads(threads)
 

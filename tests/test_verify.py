@@ -9,29 +9,21 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
-from tiny import fit_heads, greedy_corpus, tiny_base
+from tiny import BRANCHING, fitted
 
 import medusa_toolkit.decoding as decoding
-from medusa_toolkit import MedusaModel
 from medusa_toolkit.verify.report import junit_xml, validate_report, write_json, write_junit
 from medusa_toolkit.verify.verifier import classify_divergence, decide, default_tie_tolerance, verify_heads
 
 NEW = 24
-BRANCHING = [[0], [1], [0, 0], [1, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0]]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    """A tiny base with quickly fitted heads, and prompts on its greedy corpus (so heads accept several tokens)."""
-    base = tiny_base("llama", seed=0)
-    # Random tiny models attend almost uniformly, so position ids barely matter; sharpen attention (as in trained
-    # models) so an off-by-one position really changes tokens.
-    with torch.no_grad():
-        for layer in base.model.layers:
-            layer.self_attn.q_proj.weight.mul_(5.0)
-            layer.self_attn.k_proj.weight.mul_(5.0)
-    model = MedusaModel(base, fit_heads(base, num_heads=4, steps=40, seed=0))
-    corpus = greedy_corpus(base, seed=0)
+    """A tiny base with quickly fitted heads, and prompts on its greedy corpus (so heads accept several tokens).
+
+    Sharpened attention (as in trained models), so an off-by-one position really changes tokens."""
+    model, corpus = fitted("llama", seed=0, steps=40, sharpen=True)
     return model, [corpus[i, :8].tolist() for i in range(2)]
 
 
@@ -78,28 +70,26 @@ def test_passes_with_each_attention(tiny, attn):
 # Sabotaged decoding must be caught
 
 
-def sibling_mask(attn, buffers, prefix_len, dtype):
+def sibling_mask(attn, buffers, lens, dtype):
     """Bug: nodes at the same depth see each other (siblings leak into each other's attention), for every attention."""
     depth = buffers.position_offsets
     leaky = dataclasses.replace(buffers, attn_mask=buffers.attn_mask | (depth[:, None] == depth[None, :]))
-    return ORIGINAL["attn_inputs"](attn, leaky, prefix_len, dtype)
+    return ORIGINAL["attn_inputs"](attn, leaky, lens, dtype)
 
 
-def off_by_one_verify(model, tree_tokens, prefix_len, buffers, cache, attn):
+def off_by_one_verify(model, tree_tokens, buffers, cache, attn):
     """Bug: tree tokens get position ids one too far."""
     shifted = dataclasses.replace(buffers, position_offsets=buffers.position_offsets + 1)
-    return ORIGINAL["verify"](model, tree_tokens, prefix_len, shifted, cache, attn)
+    return ORIGINAL["verify_tree"](model, tree_tokens, shifted, cache, attn)
 
 
-def no_compaction(cache, prefix_len, kept_nodes):
+def no_compaction(cache, nodes, counts):
     """Bug: the cache keeps the first tree nodes in node order instead of moving the accepted path into place."""
-    for layer in cache.layers:
-        layer.keys = layer.keys[..., : prefix_len + kept_nodes.numel(), :]
-        layer.values = layer.values[..., : prefix_len + kept_nodes.numel(), :]
+    cache.set_lens(cache.lens + counts)
 
 
-ORIGINAL = {name: getattr(decoding, name) for name in ("attn_inputs", "verify", "keep_cache_positions")}
-SABOTAGE = {"attn_inputs": sibling_mask, "verify": off_by_one_verify, "keep_cache_positions": no_compaction}
+ORIGINAL = {name: getattr(decoding, name) for name in ("attn_inputs", "verify_tree", "commit")}
+SABOTAGE = {"attn_inputs": sibling_mask, "verify_tree": off_by_one_verify, "commit": no_compaction}
 
 
 @pytest.mark.parametrize("name", list(SABOTAGE))
@@ -139,7 +129,7 @@ def check_caught(report, tmp_path):
 def test_ties_pass_unless_strict(tiny, monkeypatch):
     """Broken positions with an enormous tolerance: every divergence is a 'tie' -> exit 0, but 1 under --strict."""
     model, prompts = tiny
-    monkeypatch.setattr(decoding, "verify", off_by_one_verify)
+    monkeypatch.setattr(decoding, "verify_tree", off_by_one_verify)
     report = run(model, prompts[:1], tie_tolerance=1e9)
     assert report.summary["ties"] == 1 and report.prompts[0].divergence.kind == "tie"
     assert report.exit_code == 0
@@ -169,15 +159,13 @@ def test_batched_medusa_is_verified_against_single_prompt_references(tiny):
 
 def test_batched_sabotage_is_caught(tiny, monkeypatch):
     """A batched decoder that gives every row the first row's positions must fail verification."""
-    from medusa_toolkit import batched
-
     model, prompts = tiny
-    real = batched.medusa_generate_batch
+    real = decoding.medusa_generate_batch
 
     def broken(model, input_ids, attention_mask, *args, **kwargs):
         return real(model, input_ids, torch.ones_like(attention_mask), *args, **kwargs)  # padding treated as text
 
-    monkeypatch.setattr(batched, "medusa_generate_batch", broken)
+    monkeypatch.setattr(decoding, "medusa_generate_batch", broken)
     report = run(model, [prompts[0], prompts[1][:3], prompts[0][:5]], tree="chain-4", batch_size=3)
     assert report.exit_code == 1 and report.summary["mismatches"] >= 1
 

@@ -38,23 +38,23 @@ speed matters more than the distribution. `verify/distribution.py` measures the 
 
 from __future__ import annotations
 
-import time
 from functools import lru_cache
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from medusa_toolkit import special_tokens
 from medusa_toolkit.decoding import (
+    Acceptance,
+    DecodeState,
     MedusaGenerateOutput,
-    _eos_ids,
-    _truncate,
-    keep_cache_positions,
+    accepted_run,
+    decode,
     propose,
     use_attention,
-    verify,
 )
 from medusa_toolkit.medusa_model import MedusaModel
-from medusa_toolkit.tree import MedusaTree
+from medusa_toolkit.tree import MedusaTree, TreeBuffers
 
 ACCEPTANCE = ("lossless", "typical")
 RESIDUAL_EPS = 1e-12
@@ -143,23 +143,17 @@ def accept_lossless(
 
 
 def accept_typical(
-    tree_tokens: torch.Tensor,
-    p: torch.Tensor,
-    retrieve: torch.Tensor,
-    path_lengths: torch.Tensor,
-    threshold: float,
-    alpha: float,
+    tree_tokens: torch.Tensor, p: torch.Tensor, buffers: TreeBuffers, threshold: float, alpha: float
 ) -> list[int]:
-    """Medusa's typical acceptance (lossy): the longest path whose candidates all pass the entropy threshold."""
+    """Medusa's typical acceptance (lossy): the longest path whose candidates all pass the entropy threshold
+    (ties: the highest likelihood). tree_tokens [N], p the base's processed probabilities at every node [N, V]."""
     entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [N]
     cut = torch.minimum(torch.full_like(entropy, threshold), alpha * torch.exp(-entropy))  # [N]
+    retrieve = buffers.retrieve_indices
     cand = tree_tokens[retrieve]  # [L, D + 1]
     parent = retrieve[:, :-1]
     prob = p[parent, cand[:, 1:]]  # [L, D]: the base's prob of each candidate after its parent
-    depth = retrieve.shape[1] - 1
-    real = torch.arange(depth)[None] < (path_lengths - 1)[:, None]
-    ok = (prob > cut[parent]) & real
-    accepted = ok.int().cumprod(-1).sum(-1)  # [L]
+    accepted = accepted_run(prob > cut[parent], buffers)  # [L]
     best_len = int(accepted.max()) if accepted.numel() else 0
     if best_len == 0:
         return [0]
@@ -170,7 +164,71 @@ def accept_typical(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The loop
+# The rules, plugged into medusa_toolkit.decoding's one step
+
+
+class LosslessSampling:
+    """SpecInfer-style rule: candidates drawn i.i.d. from the heads, accepted by rejection sampling (exact)."""
+
+    def __init__(self, warpers: LogitsProcessorList, tree: MedusaTree, generator: torch.Generator | None):
+        self.warpers, self.generator, self.top_k, self.depth = warpers, generator, tree.top_k, tree.depth
+        self.children = _children(tuple(tree.paths))
+        self.depth_of = [0] + [len(path) for path in tree.paths]
+        self.q: torch.Tensor | None = None  # [B, depth, V]: the heads' processed distributions of this step
+
+    def first_token(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_draw(p, self.generator) for p in probabilities(logits, self.warpers)])
+
+    def propose(self, state: DecodeState, tree: MedusaTree, buffers: TreeBuffers) -> torch.Tensor:
+        self.q = probabilities(state.medusa_logits.movedim(1, 0), self.warpers)  # [B, depth, V]
+        rows = []
+        for root, q in zip(state.roots, self.q):
+            drawn = _draw(q, self.generator, self.top_k) if self.depth else root[None][:0]
+            rows.append(torch.cat([root[None], drawn.flatten()])[buffers.tree_indices])
+        return torch.stack(rows)
+
+    def accept(self, tree_tokens: torch.Tensor, logits: torch.Tensor, buffers: TreeBuffers) -> Acceptance:
+        p = probabilities(logits, self.warpers)  # [B, N, V]
+        decided = [
+            accept_lossless(tokens.tolist(), p_row, q_row, self.children, self.depth_of, self.generator)
+            for tokens, p_row, q_row in zip(tree_tokens, p, self.q)
+        ]
+        return _as_acceptance(decided, buffers, tree_tokens.device)
+
+
+class TypicalAcceptance:
+    """Medusa's typical acceptance (LOSSY): the heads' top-k, kept when the base finds them likely enough."""
+
+    def __init__(self, warpers: LogitsProcessorList, generator: torch.Generator | None, threshold: float, alpha: float):
+        self.warpers, self.generator, self.threshold, self.alpha = warpers, generator, threshold, alpha
+
+    def first_token(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_draw(p, self.generator) for p in probabilities(logits, self.warpers)])
+
+    def propose(self, state: DecodeState, tree: MedusaTree, buffers: TreeBuffers) -> torch.Tensor:
+        return propose(state.roots, state.medusa_logits, tree, buffers)
+
+    def accept(self, tree_tokens: torch.Tensor, logits: torch.Tensor, buffers: TreeBuffers) -> Acceptance:
+        p = probabilities(logits, self.warpers)
+        decided = []
+        for tokens, p_row in zip(tree_tokens, p):
+            nodes = accept_typical(tokens, p_row, buffers, self.threshold, self.alpha)
+            decided.append((nodes, int(_draw(p_row[nodes[-1]], self.generator))))
+        return _as_acceptance(decided, buffers, tree_tokens.device)
+
+
+def _as_acceptance(decided: list[tuple[list[int], int]], buffers: TreeBuffers, device: torch.device) -> Acceptance:
+    """Per-row (accepted nodes, next root) as the batched Acceptance decode_step commits."""
+    width = buffers.retrieve_indices.shape[1]
+    nodes = torch.zeros(len(decided), width, dtype=torch.long, device=device)
+    for b, (path, _) in enumerate(decided):
+        nodes[b, : len(path)] = torch.tensor(path, device=device)
+    counts = torch.tensor([len(path) for path, _ in decided], device=device)
+    return Acceptance(nodes, counts, torch.tensor([bonus for _, bonus in decided], device=device))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The entry point
 
 
 @torch.inference_mode()
@@ -204,51 +262,14 @@ def medusa_sample(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     warpers = logits_processor(temperature, top_p, top_k)
     tree = MedusaTree.resolve(tree, model.num_heads)
-    device = model.device
-    input_ids = input_ids.to(device)
-    buffers = tree.buffers(device)
-    children = _children(tuple(tree.paths))
-    depth_of = [0] + [len(path) for path in tree.paths]
-    eos = _eos_ids(model, eos_token_id)
-
+    input_ids = input_ids.to(model.device)
+    if acceptance == "lossless":
+        rule = LosslessSampling(warpers, tree, generator)
+    else:
+        rule = TypicalAcceptance(warpers, generator, typical_threshold, typical_alpha)
+    eos = set(special_tokens.eos_ids(model, eos_token_id))
     with use_attention(model, attn_implementation) as attn:
-        start = time.perf_counter()
-        cache = DynamicCache(config=model.base.config)
-        positions = torch.arange(input_ids.shape[1], device=device)[None]
-        out = model(input_ids, position_ids=positions, cache=cache, logits_to_keep=1)
-        root = _draw(probabilities(out.logits[0, -1], warpers), generator)
-        medusa_logits = out.medusa_logits[:, 0, -1]
-        prefill_time = time.perf_counter() - start
-
-        new_tokens, done = _truncate(root, eos, max_new_tokens)
-        pieces, accept_lengths = [input_ids[0], new_tokens], []
-        produced, prefix_len = new_tokens.numel(), input_ids.shape[1]
-        while not done and produced < max_new_tokens:
-            if acceptance == "lossless":
-                q = probabilities(medusa_logits[: tree.depth], warpers)  # [depth, V]
-                drawn = _draw(q, generator, tree.top_k) if tree.depth else root[:0]
-                tree_tokens = torch.cat([root, drawn.flatten()])[buffers.tree_indices]
-            else:
-                tree_tokens = propose(root, medusa_logits, tree, buffers)
-            logits, hidden = verify(model, tree_tokens, prefix_len, buffers, cache, attn)
-            p = probabilities(logits, warpers)  # [N, V]
-            if acceptance == "lossless":
-                nodes, bonus = accept_lossless(tree_tokens.tolist(), p, q, children, depth_of, generator)
-            else:
-                nodes = accept_typical(
-                    tree_tokens.cpu(), p.cpu(), buffers.retrieve_indices.cpu(), buffers.path_lengths.cpu(),
-                    typical_threshold, typical_alpha,
-                )  # fmt: skip
-                bonus = int(_draw(p[nodes[-1]], generator))
-            kept = torch.tensor(nodes, device=device)
-            keep_cache_positions(cache, prefix_len, kept)
-            prefix_len += len(nodes)
-            step = torch.cat([tree_tokens[kept[1:]], torch.tensor([bonus], device=device)])
-            emitted, done = _truncate(step, eos, max_new_tokens - produced)
-            accept_lengths.append(emitted.numel())
-            pieces.append(emitted)
-            produced += emitted.numel()
-            root, medusa_logits = step[-1:], model.medusa_logits(hidden[nodes[-1]])
-        wall = time.perf_counter() - start
-
-    return MedusaGenerateOutput(torch.cat(pieces)[None], accept_lengths, produced, wall, prefill_time)
+        out = decode(model, input_ids, None, max_new_tokens, tree, eos, attn, rule)
+    tokens = torch.tensor(out.new_tokens[0], dtype=input_ids.dtype, device=input_ids.device)
+    sequences = torch.cat([input_ids[0], tokens])[None]
+    return MedusaGenerateOutput(sequences, out.accept_lengths[0], tokens.numel(), out.wall_time, out.prefill_time)

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from medusa_toolkit import special_tokens
+from medusa_toolkit.base_model import load_base_model
 from medusa_toolkit.config import ToolkitConfig
 from medusa_toolkit.errors import ToolkitError
-from medusa_toolkit.models import load_base_model
 from medusa_toolkit.prompts import PromptError, load_prompts, render_prompt
 from medusa_toolkit.train import distributed as D
 
@@ -87,6 +88,7 @@ def tokenize_prompts(cfg: ToolkitConfig, tokenizer, prompts: list[str], context:
 def generate_batch(model, tokenizer, batch: list[list[int]], cfg: ToolkitConfig, pad_id: int) -> list[list[int]]:
     """Responses (token ids, cut after the first EOS) for a batch of prompt ids, left padded."""
     d = cfg.data
+    eos = special_tokens.eos_ids(model)  # the rule Medusa decoding and verification stop by
     dev = next(model.parameters()).device
     width = max(len(p) for p in batch)
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=dev)
@@ -101,14 +103,12 @@ def generate_batch(model, tokenizer, batch: list[list[int]], cfg: ToolkitConfig,
         top_p=d.top_p if sample else None,
         top_k=None,
         pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos or None,
     )
-    eos = tokenizer.eos_token_id
     responses = []
     for row in out[:, width:].tolist():
-        if eos is not None and eos in row:
-            row = row[: row.index(eos) + 1]  # keep EOS: the heads should learn where answers end
-        responses.append(row)
+        stop = next((i for i, t in enumerate(row) if t in eos), None)
+        responses.append(row if stop is None else row[: stop + 1])  # keep EOS: the heads learn where answers end
     return responses
 
 
@@ -144,9 +144,7 @@ def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     )
     context = getattr(model.config, "max_position_embeddings", None) or 10**9
     ids, skipped = tokenize_prompts(cfg, tokenizer, prompts, context)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        pad_id = 0  # left padding is masked out, any id works
+    pad_id = special_tokens.pad_token_id(model, tokenizer)  # left padding is masked out: any id gives the same text
 
     parts = partial_dir(cfg, run_dir)
     parts.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from medusa_toolkit import special_tokens
 from medusa_toolkit.verify.report import Divergence, PromptResult, VerifyReport, summary_table, write_json, write_junit
 
 # Default tie tolerances (logit units) per dtype. float32 paths differ only by reduction order (~1e-5 on logits);
@@ -69,10 +70,6 @@ def _text(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def _eos(model: Any) -> int | list[int] | None:
-    return getattr(model.base.generation_config, "eos_token_id", None)
-
-
 @torch.inference_mode()
 def reference_generate(
     model: Any, input_ids: torch.Tensor, max_new_tokens: int
@@ -87,12 +84,9 @@ def reference_generate(
     from medusa_toolkit.decoding import use_attention
 
     base = model.base
-    eos = _eos(model)
-    pad = base.generation_config.pad_token_id
-    if pad is None:
-        pad = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
+    eos, pad = special_tokens.eos_ids(model), special_tokens.pad_token_id(model)
     gen = GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos or None, pad_token_id=pad,
         bos_token_id=base.generation_config.bos_token_id, output_logits=True, return_dict_in_generate=True,
     )  # fmt: skip
     with use_attention(model, "sdpa"):
@@ -143,26 +137,22 @@ def medusa_candidates(
     model: Any, batch: list[list[int]], tree: Any, max_new_tokens: int, attn: str
 ) -> list[Candidate] | str:
     """Run the decoding under test on a batch of prompts (batched Medusa when more than one); an error string if it crashed."""
-    from medusa_toolkit.decoding import medusa_generate
+    from medusa_toolkit import decoding  # module attribute at call time: tests swap in sabotaged decoders
 
+    eos = special_tokens.eos_ids(model)
     try:
         if len(batch) == 1:
             ids = torch.tensor(batch[0], device=model.device)[None]
-            out = medusa_generate(
-                model, ids, max_new_tokens, tree=tree, eos_token_id=_eos(model), attn_implementation=attn
+            out = decoding.medusa_generate(
+                model, ids, max_new_tokens, tree=tree, eos_token_id=eos, attn_implementation=attn
             )
             return [Candidate(out.sequences[0, ids.shape[1] :].tolist(), list(out.accept_lengths), out.wall_time)]
         width = max(len(p) for p in batch)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=model.device)  # left padding
+        pad = special_tokens.pad_token_id(model)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=model.device)  # left padding
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
-        out = medusa_generate(
-            model,
-            ids,
-            max_new_tokens,
-            tree=tree,
-            eos_token_id=_eos(model),
-            attn_implementation=attn,
-            attention_mask=mask,
+        out = decoding.medusa_generate_batch(
+            model, ids, mask, max_new_tokens, tree=tree, eos_token_id=eos, attn_implementation=attn
         )
         share = out.wall_time / len(batch)
         return [
@@ -338,7 +328,7 @@ def verify_heads(
             bar.set_postfix(status=result.status, accept=f"{result.mean_accept_length:.2f}",
                             tok_s=f"{result.medusa_tokens / result.medusa_time_s:.1f}")  # fmt: skip
     summary = summarize(results, hits)
-    from medusa_toolkit.models import base_fingerprint
+    from medusa_toolkit.base_model import base_fingerprint
     from medusa_toolkit.tree import tree_digest
 
     base_name = (settings or {}).get("base")
@@ -386,9 +376,9 @@ def select_prompts(v: Any) -> tuple[list[str], int]:
 
 def load_verify_model(cfg: Any, heads: str | Path, tree: Any):
     """Heads (cheap, first), the tree checked against them, then the base in verify.dtype: (MedusaModel, MedusaTree)."""
+    from medusa_toolkit.base_model import load_base_model
     from medusa_toolkit.heads import MedusaHeads
     from medusa_toolkit.medusa_model import MedusaModel
-    from medusa_toolkit.models import load_base_model
     from medusa_toolkit.tree import MedusaTree
 
     loaded = MedusaHeads.from_pretrained(heads)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from medusa_toolkit import special_tokens
 from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.medusa_model import MedusaModel
 
@@ -158,9 +159,7 @@ def greedy_sequences(
             "no calibration prompts: pass --prompts FILE, --data DIR, or use the held-out chitchat set"
         )
     out = []
-    gen = model.base.generation_config
-    eos = eos_token_id if eos_token_id is not None else gen.eos_token_id
-    pad = gen.pad_token_id if gen.pad_token_id is not None else (eos if isinstance(eos, int) else 0)
+    eos, pad = special_tokens.eos_ids(model, eos_token_id) or None, special_tokens.pad_token_id(model)
     for ids in tqdm(prompts, desc="greedy", unit="prompt", disable=not progress):
         if len(ids) == 0:
             raise CalibrationError("a calibration prompt rendered to zero tokens; drop empty prompts")
