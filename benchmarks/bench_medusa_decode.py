@@ -44,13 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from medusa_toolkit import MedusaHeads, MedusaModel, MedusaTree, load_base_model
+    from medusa_toolkit.calibration import calibrate_prompts
     from medusa_toolkit.prompts import load_prompts
-    from medusa_toolkit.verify.calibration import calibrate_prompts
-    from medusa_toolkit.verify.tune_tree import (
+    from medusa_toolkit.tree_timing import device_name
+    from medusa_toolkit.tree_tuning import (
         base_greedy,
         choose_tree,
         comparison_trees,
-        device_name,
         format_results,
         prompt_token_ids,
         validate,

@@ -8,23 +8,14 @@ import random
 
 import pytest
 import torch
-from tiny import fit_heads, greedy_corpus, tiny_base
+from tiny import fitted, save_model_dir
 
-from medusa_toolkit import MedusaHeads, MedusaModel, MedusaTree
+from medusa_toolkit import MedusaHeads, MedusaTree
+from medusa_toolkit.calibration import Calibration, CalibrationError, calibrate_sequences, count_paths
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.heads import HeadsLoadError
-from medusa_toolkit.verify.calibration import Calibration, CalibrationError, calibrate_sequences, count_paths
-from medusa_toolkit.verify.tune_tree import (
-    TuneError,
-    accept_length_curve,
-    choose_tree,
-    comparison_trees,
-    greedy_order,
-    resolve_depth,
-    run_tree,
-    tree_for_budget,
-    validate,
-)
+from medusa_toolkit.tree_search import accept_length_curve, greedy_order, tree_for_budget
+from medusa_toolkit.tree_tuning import TuneError, choose_tree, comparison_trees, resolve_depth, run_tree, validate
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Synthetic tables
@@ -114,9 +105,7 @@ def test_presets_compared_only_when_they_fit():
 
 @pytest.fixture(scope="module")
 def tiny():
-    base = tiny_base("llama", seed=0)
-    heads = fit_heads(base, num_heads=4, steps=100, seed=0)
-    return MedusaModel(base, heads), greedy_corpus(base, seed=0)
+    return fitted("llama")  # shared with test_decoding and test_batched
 
 
 def test_predicted_accept_length_matches_measured(tiny):
@@ -163,22 +152,11 @@ def test_bad_calibration_inputs(tiny):
 # The stage
 
 
-def _byte_tokenizer(folder):
-    """A word-level tokenizer over the tiny vocabulary, so the tiny model folder loads like a real one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t255").save_pretrained(folder)
-
-
 def _fake_run(tmp_path, model, corpus, heads=None):
     import datasets
 
     base_dir, run_dir = tmp_path / "base", tmp_path / "run"
-    model.base.save_pretrained(base_dir)
-    _byte_tokenizer(base_dir)
+    save_model_dir(model.base, base_dir)
     (heads or model.heads).save_pretrained(run_dir / "heads")
     rows = [row.tolist() for row in corpus]
     masks = [[0] * 4 + [1] * (len(r) - 4) for r in rows]

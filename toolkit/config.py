@@ -134,6 +134,10 @@ class TreeConfig(Section):
     top_k: PositiveInt = 10
     # speed: max predicted tokens/s from measured step latency; acceptance: max expected accepted length.
     objective: Literal["speed", "acceptance"] = "speed"
+    # Prompts whose greedy text calibrates the acceptance tables and validates the choice, when the data stage left
+    # no held-out rows: chitchat (its held-out split), builtin, or a prompts file (with `prompt_field`).
+    prompts: str = "chitchat"
+    prompt_field: str = "prompt"
     # Held-out prompts (or data-stage eval rows) whose greedy text calibrates the acceptance tables.
     num_calibration_prompts: PositiveInt = 32
     calibration_max_new_tokens: PositiveInt = 64

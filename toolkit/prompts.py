@@ -145,7 +145,7 @@ NAMED_SOURCES = ("chitchat", "builtin", "none", "hf", "file")
 
 def check_prompt_source(source: str, path: str | None, section: str) -> None:
     """Fail fast on a prompt source before anything loads: a file must exist, `file`/`hf` need a path."""
-    key = f"{section}.prompts" if section == "verify" else f"{section}.source"
+    key = f"{section}.source" if section == "data" else f"{section}.prompts"
     if source in ("file", "hf") and not path:
         raise PromptError(f"{key}: {source!r} needs a path ({section}.path): a prompts file or a datasets name")
     target = path if source == "file" else (None if source in NAMED_SOURCES else source)
@@ -154,7 +154,7 @@ def check_prompt_source(source: str, path: str | None, section: str) -> None:
         if not file.is_file():
             raise PromptError(
                 f"{key}: prompts file not found: {target}; pass an existing .jsonl/.json/.parquet/.csv/.txt file"
-                f"{' or one of chitchat, builtin' if section == 'verify' else ''}"
+                f"{'' if section == 'data' else ' or one of chitchat, builtin'}"
             )
     elif source == "chitchat" and importlib.util.find_spec("chitchat_dataset") is None:
         raise PromptError(

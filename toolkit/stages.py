@@ -60,7 +60,7 @@ STAGES: dict[str, Stage] = {
         Stage("data", "medusa_toolkit.train.data:run_data", ("model", "data"), ()),
         Stage("train", "medusa_toolkit.train.trainer:run_train", ("model", "heads", "train"), ("data",),
               ("data",), "heads"),
-        Stage("tree", "medusa_toolkit.verify.tune_tree:run_tree", ("model", "data", "tree"), ("data", "train"),
+        Stage("tree", "medusa_toolkit.tree_tuning:run_tree", ("model", "data", "tree"), ("data", "train"),
               ("train",)),
         Stage("verify", "medusa_toolkit.verify.verifier:run_verify", ("model", "data", "verify", "tree"),
               ("train", "tree"), ("train",)),
@@ -102,7 +102,7 @@ def named_files(cfg: ToolkitConfig, stage: str) -> dict[str, str]:
     candidates = {
         "data": {"data.path": d.path if d.source == "file" else None},
         "train": {"train.deepspeed.config_file": t.deepspeed.config_file, "heads.init_from": cfg.heads.init_from},
-        "tree": {"tree.tree": cfg.tree.tree if cfg.tree.tree != "auto" else None},
+        "tree": {"tree.tree": cfg.tree.tree if cfg.tree.tree != "auto" else None, "tree.prompts": cfg.tree.prompts},
         "verify": {"verify.tree": v.tree, "verify.prompts": v.prompts, "tree.tree": cfg.tree.tree},
         "export": {},
     }[stage]
@@ -115,7 +115,7 @@ def named_files(cfg: ToolkitConfig, stage: str) -> dict[str, str]:
 
 def input_hash(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> str:
     """Hash of everything a stage's output depends on: config sections, named files' content, upstream artefacts."""
-    from medusa_toolkit.models import base_fingerprint
+    from medusa_toolkit.base_model import base_fingerprint
 
     cfg_dict = cfg.to_dict()
     for section, key in NOT_INPUTS:
@@ -260,7 +260,7 @@ def check_inputs(cfg: ToolkitConfig, stages: list[str]) -> None:
 
     Minutes of generation must not be spent before a typo in a DeepSpeed path is found.
     """
-    from medusa_toolkit.models import check_model_spec
+    from medusa_toolkit.base_model import check_model_spec
     from medusa_toolkit.prompts import check_prompt_source
     from medusa_toolkit.tree import check_tree_spec
 
@@ -283,12 +283,14 @@ def check_inputs(cfg: ToolkitConfig, stages: list[str]) -> None:
             raise ConfigError(f"heads.init_from not found: {spec}; pass a heads folder or a Hub id ORG/NAME")
     if "tree" in stages:
         check_tree_spec(cfg.tree.tree, "tree.tree", allow_auto=True)
+        if cfg.tree.tree == "auto" and is_file_spec(cfg.tree.prompts):  # named sets matter only without data rows
+            check_prompt_source(cfg.tree.prompts, None, "tree")
     if "verify" in stages:
         if cfg.verify.tree:
             check_tree_spec(cfg.verify.tree, "verify.tree")
         check_prompt_source(cfg.verify.prompts, None, "verify")
     if "export" in stages and cfg.export.push_to_hub:
-        from medusa_toolkit.models import base_hub_id
+        from medusa_toolkit.base_model import base_hub_id
 
         if not base_hub_id(cfg.export.base_model_id or cfg.model.name_or_path):
             raise ConfigError(

@@ -1,4 +1,4 @@
-"""medusa_toolkit.verify: the losslessness verifier (`medusa-verify`, the `verify` stage) and tree tuning.
+"""medusa_toolkit.verify: the losslessness verifier (`medusa-verify`, the `verify` stage) and the sampling check.
 
 Nothing heavy is imported here; `verify_heads` and `run_verify` load on first use.
 """

@@ -1,11 +1,10 @@
-"""Tree tuning: choose the Medusa tree from measured joint acceptance and measured verification latency.
+"""Tree tuning, the `tree` stage and `medusa-tune-tree`: choose the Medusa tree from measured joint acceptance and
+measured step latency, then check the choice by decoding held-out prompts.
 
-1. Calibrate (medusa_toolkit.verify.calibration): empirical joint acceptance probability p(path) of every path.
-2. For every node budget n (tree tokens per step, root included) the best prefix-closed tree is the n - 1 most likely
-   paths (see `greedy_order` for the proof); its expected accepted length is 1 + the sum of their p.
-3. Speed objective: time one real verification step (propose + heads/base forward over the n tree tokens with the
-   tree mask + accept + cache compaction) on this device, at a representative prefix length and batch size, on a grid
-   of budgets; interpolate; pick the n maximising expected accepted length / step time.
+1. Calibrate (medusa_toolkit.calibration): the empirical joint acceptance probability of every path of head ranks.
+2. Search (medusa_toolkit.tree_search): the optimal tree for every node budget.
+3. Time (medusa_toolkit.tree_timing): one real decoding step per budget on this device; for the speed objective the
+   budget with the best predicted tokens/s wins.
 4. Validate: decode held-out prompts with the chosen tree, the `mc_sim_7b_63` and `chain-N` presets and plain greedy,
    and report predicted vs measured accepted length and tokens/s.
 """
@@ -13,198 +12,31 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from medusa_toolkit.config import ToolkitConfig
-from medusa_toolkit.decoding import (
-    accept_greedy,
-    attn_inputs,
-    keep_cache_positions,
-    medusa_generate,
-    prefill,
-    propose,
-    use_attention,
-    verify,
-)
+from medusa_toolkit import special_tokens
+from medusa_toolkit.calibration import Calibration, CalibrationError, calibrate_prompts, calibrate_sequences
+from medusa_toolkit.config import ToolkitConfig, TreeConfig
+from medusa_toolkit.decoding import medusa_generate
 from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.medusa_model import MedusaModel
 from medusa_toolkit.tree import MedusaTree
-from medusa_toolkit.verify.calibration import Calibration, CalibrationError, calibrate_prompts, calibrate_sequences
+from medusa_toolkit.tree_search import TuneResult, choose, greedy_order, tree_for_budget
+from medusa_toolkit.tree_timing import LATENCY_GRID, device_name, latency_grid, measure_step_times, sync
 
-LATENCY_GRID = (1, 2, 4, 8, 16, 32, 48, 64)
 TREE_FILE = "tree.json"
 MAX_STORED_NODES = 256  # joint acceptance table entries kept in tree.json (the most likely paths)
 
 
 class TuneError(ToolkitError, ValueError):
     """Tree tuning cannot run; the message names the problem and the fix."""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Acceptance objective
-
-
-def greedy_order(calib: Calibration) -> list[tuple[int, ...]]:
-    """Every path with a nonzero count, best first; the optimal tree with budget n is the first n - 1 paths.
-
-    Order: count descending, then depth ascending, then ranks. Why taking a prefix of this order is optimal: the
-    objective 1 + sum(p) is additive over nodes, so for n - 1 nodes no set of any shape beats the n - 1 largest p.
-    That set is prefix-closed: a child's matching positions are a subset of its parent's (the child's path extends
-    the parent's), so count(child) <= count(parent) holds exactly for empirical counts, and on a tie the parent wins
-    on depth; hence every parent comes before its child in the order. Equivalently, repeatedly adding the best
-    frontier node (the greedy algorithm) picks this same sequence, because the best remaining node's parent is always
-    already in. Paths with count 0 add nothing, so a budget larger than the nonzero paths gets no extra nodes.
-    """
-    return sorted(calib.path_counts, key=lambda p: (-calib.path_counts[p], len(p), p))
-
-
-def accept_length_curve(calib: Calibration, order: list[tuple[int, ...]], max_nodes: int) -> list[float]:
-    """Expected accepted length of the optimal tree for n = 1 .. max_nodes tree tokens (root included)."""
-    probs = [calib.probability(p) for p in order[: max(0, max_nodes - 1)]]
-    curve = [1.0]
-    for p in probs:
-        curve.append(curve[-1] + p)
-    curve += [curve[-1]] * (max_nodes - len(curve))  # no more nonzero paths: bigger budgets gain nothing
-    return curve[:max_nodes]
-
-
-def tree_for_budget(order: list[tuple[int, ...]], n: int, name: str | None = None) -> MedusaTree:
-    """The optimal tree with n tree tokens (root included)."""
-    return MedusaTree.from_paths(order[: max(0, n - 1)], name=name or f"tuned-{n}")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Speed objective
-
-
-def device_name(device: torch.device) -> str:
-    """Human-readable accelerator or CPU name, with the thread count for CPUs."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def measure_step_times(
-    model: MedusaModel,
-    trees: dict[int, MedusaTree],
-    prefix_length: int = 256,
-    batch_size: int = 1,
-    attn: str | None = None,
-    repeats: int = 5,
-    warmup: int = 2,
-    progress: bool = True,
-) -> dict[int, float]:
-    """Median wall time (s) of one verification step for each tree, with a KV cache of `prefix_length` tokens.
-
-    Batch 1 times the real decoding step (propose, verify, accept, cache compaction, from medusa_toolkit.decoding);
-    batch > 1 times the tree forward alone (batched decoding has its own benchmark, benchmarks/bench_batch.py), which dominates the step.
-    """
-    device = model.device
-    gen = torch.Generator().manual_seed(0)
-    prefix = torch.randint(0, model.base.config.vocab_size, (batch_size, prefix_length), generator=gen).to(device)
-    times: dict[int, float] = {}
-    with use_attention(model, attn) as attn_name:
-        if batch_size > 1 and attn_name == "medusa_flash_decoding":
-            raise TuneError(
-                "latency at batch_size > 1 is measured with sdpa/eager only; set model.attn_implementation: sdpa"
-            )
-        cache = DynamicCache(config=model.base.config)
-        root, medusa_logits = prefill(model, prefix[:1], cache) if batch_size == 1 else (None, None)
-        if batch_size > 1:
-            model(
-                prefix,
-                position_ids=torch.arange(prefix_length, device=device)[None].expand(batch_size, -1),
-                cache=cache,
-                logits_to_keep=1,
-            )
-            root = prefix[0, -1:]
-            medusa_logits = model(
-                prefix[:1, -1:], position_ids=torch.tensor([[prefix_length - 1]], device=device)
-            ).medusa_logits[:, 0, -1]
-        bar = tqdm(trees.items(), desc="latency", unit="budget", disable=not progress)
-        for n, tree in bar:
-            buffers = tree.buffers(device)
-            samples = []
-            for i in range(warmup + repeats):
-                _sync(device)
-                start = time.perf_counter()
-                tokens = propose(root, medusa_logits, tree, buffers)
-                if batch_size == 1:
-                    # the loop body of medusa_generate, minus output bookkeeping
-                    logits, hidden = verify(model, tokens, prefix_length, buffers, cache, attn_name)
-                    step = accept_greedy(tokens, logits, buffers)
-                    keep_cache_positions(cache, prefix_length, step.accepted_nodes)
-                    model.medusa_logits(hidden[step.accepted_nodes[-1]])
-                else:
-                    positions = (prefix_length + buffers.position_offsets)[None].expand(batch_size, -1)
-                    model(tokens[None].expand(batch_size, -1), position_ids=positions, cache=cache, with_medusa=False,
-                          **attn_inputs(attn_name, buffers, prefix_length, model.dtype))  # fmt: skip
-                _sync(device)
-                if i >= warmup:
-                    samples.append(time.perf_counter() - start)
-                extra = cache.get_seq_length() - prefix_length
-                if extra > 0:
-                    cache.crop(-extra)  # back to the prefix for the next repeat
-            times[n] = float(np.median(samples))
-            bar.set_postfix(nodes=n, ms=f"{1e3 * times[n]:.1f}")
-    return times
-
-
-def latency_grid(max_nodes: int, grid: tuple[int, ...] | list[int] = LATENCY_GRID) -> list[int]:
-    """The budgets to time: the grid points up to max_nodes, plus 1 and max_nodes themselves."""
-    return sorted({1, max_nodes, *(g for g in grid if g <= max_nodes)})
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Choosing
-
-
-@dataclass
-class TuneResult:
-    tree: MedusaTree
-    chosen_nodes: int
-    budgets: list[int]  # 1 .. max budget
-    accept_length: list[float]  # expected accepted length per budget
-    step_time: list[float] | None = None  # interpolated seconds per step (speed objective)
-    measured_latency: dict[int, float] = field(default_factory=dict)  # the timed grid
-
-    @property
-    def tokens_per_second(self) -> list[float] | None:
-        if self.step_time is None:
-            return None
-        return [a / t for a, t in zip(self.accept_length, self.step_time)]
-
-    @property
-    def predicted_accept_length(self) -> float:
-        return self.accept_length[self.chosen_nodes - 1]
-
-    @property
-    def predicted_tokens_per_second(self) -> float | None:
-        tps = self.tokens_per_second
-        return None if tps is None else tps[self.chosen_nodes - 1]
 
 
 def choose_tree(
@@ -215,35 +47,22 @@ def choose_tree(
     prefix_length: int = 256,
     batch_size: int = 1,
     attn: str | None = None,
-    grid: tuple[int, ...] | list[int] = LATENCY_GRID,
     repeats: int = 5,
     progress: bool = True,
+    grid: tuple[int, ...] = LATENCY_GRID,
 ) -> TuneResult:
     """The optimal tree for the objective: max expected accepted length (acceptance) or predicted tokens/s (speed)."""
     if objective not in ("speed", "acceptance"):
         raise TuneError(f"objective {objective!r} is unknown; use 'speed' or 'acceptance'")
     if max_nodes < 1:
         raise TuneError(f"max nodes must be >= 1 (the root), got {max_nodes}")
-    order = greedy_order(calib)
-    top = min(max_nodes, len(order) + 1)  # beyond the nonzero paths a bigger tree only costs time
-    budgets = list(range(1, top + 1))
-    curve = accept_length_curve(calib, order, top)
     if objective == "acceptance":
-        return TuneResult(tree_for_budget(order, top, f"tuned-acceptance-{top}"), top, budgets, curve)
-    timed = latency_grid(top, grid)
-    measured = measure_step_times(
-        model,
-        {n: tree_for_budget(order, n) for n in timed},
-        prefix_length,
-        batch_size,
-        attn,
-        repeats,
-        progress=progress,
-    )
-    step = np.interp(budgets, timed, [measured[n] for n in timed]).tolist()
-    tps = [a / t for a, t in zip(curve, step)]
-    best = int(np.argmax(tps)) + 1
-    return TuneResult(tree_for_budget(order, best, f"tuned-speed-{best}"), best, budgets, curve, step, measured)
+        return choose(calib, max_nodes)
+    order = greedy_order(calib)
+    top = min(max_nodes, len(order) + 1)
+    trees = {n: tree_for_budget(order, n) for n in latency_grid(top, grid)}
+    latency = measure_step_times(model, trees, prefix_length, batch_size, attn, repeats, progress=progress)
+    return choose(calib, max_nodes, latency)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -258,13 +77,13 @@ def base_greedy(
     device = model.device
     x = torch.as_tensor(input_ids, device=device)[None]
     cache = DynamicCache(config=model.base.config)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     out = model.base(
         x, position_ids=torch.arange(x.shape[1], device=device)[None], cache=cache, use_cache=True, logits_to_keep=1
     )
     tok = out.logits[0, -1].argmax()
-    _sync(device)
+    sync(device)
     prefill_time = time.perf_counter() - start
     new = [int(tok)]
     pos = x.shape[1]
@@ -273,13 +92,8 @@ def base_greedy(
         tok = out.logits[0, -1].argmax()
         new.append(int(tok))
         pos += 1
-    _sync(device)
+    sync(device)
     return new, time.perf_counter() - start, prefill_time
-
-
-def _eos_set(model: MedusaModel) -> set[int]:
-    eos = getattr(model.base.generation_config, "eos_token_id", None)
-    return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
 
 
 def validate(
@@ -297,7 +111,7 @@ def validate(
     """
     if not prompts:
         raise TuneError("no validation prompts")
-    eos = _eos_set(model)
+    eos = set(special_tokens.eos_ids(model))
     results: dict[str, dict[str, Any]] = {}
     greedy: list[list[int]] = []
     totals = {"new": 0, "wall": 0.0, "prefill": 0.0}
@@ -357,31 +171,34 @@ def comparison_trees(tuned: MedusaTree, num_heads: int) -> tuple[dict[str, Medus
 # One call for the CLI and the stage
 
 
-def tune_and_write(
+def tune_tree(
     model: MedusaModel,
     calib: Calibration,
-    out_dir: str | Path,
+    tc: TreeConfig,
+    out_file: str | Path,
     *,
-    max_nodes: int = 64,
-    objective: str = "speed",
-    prefix_length: int = 256,
-    batch_size: int = 1,
     attn: str | None = None,
     validation_prompts: list[list[int]] | None = None,
-    max_new_tokens: int = 64,
     calibration_source: str = "",
-    out_file: str | Path | None = None,
-    repeats: int = 5,
     progress: bool = True,
     log=print,
 ) -> dict[str, Any]:
-    """Choose the tree, validate it, write tree.json (or `out_file`) and the PNG plots into out_dir; return tree.json."""
-    from medusa_toolkit.verify import tree_plots
+    """Choose the tree (tc.objective, tc.max_nodes; timed at tc.batch_size x tc.prefix_length), validate it on
+    `validation_prompts` (tc.calibration_max_new_tokens each), write tree.json to `out_file` and the PNG plots beside
+    it; return what tree.json holds."""
+    from medusa_toolkit import tree_plots
 
-    out_dir = Path(out_dir)
+    out_file = Path(out_file)
+    out_dir = out_file.parent
     out_dir.mkdir(parents=True, exist_ok=True)
+    objective, prefix_length, batch_size, max_new_tokens = (
+        tc.objective,
+        tc.prefix_length,
+        tc.batch_size,
+        tc.calibration_max_new_tokens,
+    )
     result = choose_tree(
-        model, calib, max_nodes, objective, prefix_length, batch_size, attn, repeats=repeats, progress=progress
+        model, calib, tc.max_nodes, objective, prefix_length, batch_size, attn, tc.latency_repeats, progress
     )
     tree = result.tree
     order = greedy_order(calib)
@@ -456,8 +273,7 @@ def tune_and_write(
         result.budgets, result.accept_length, result.tokens_per_second, result.chosen_nodes, out_dir / "budget_curves.png",
         measured_points,
     )  # fmt: skip
-    target = Path(out_file) if out_file is not None else out_dir / TREE_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = out_file
     target.write_text(json.dumps(record, indent=2) + "\n")
     MedusaTree.from_file(target)  # what we wrote must load
     tps = result.predicted_tokens_per_second
@@ -574,39 +390,41 @@ def prompt_token_ids(
     return [render_prompt(tokenizer, p, use_chat_template, system_prompt)[-max_tokens:] for p in prompts]
 
 
-def calibrate_and_split(
-    model: MedusaModel,
-    *,
-    depth: int,
-    top_k: int,
-    num_calibration: int,
-    num_validation: int,
-    max_new_tokens: int,
-    rows: tuple[list[list[int]], list[list[int]], str] | None = None,
-    prompts: list[list[int]] | None = None,
-    prompt_source: str = "",
-    progress: bool = True,
+def calibration_inputs(
+    cfg: ToolkitConfig, model: MedusaModel, data_dir: Path | None = None, allow_train: bool = False
 ) -> tuple[Calibration, list[list[int]], str]:
-    """Calibrate on stored rows (one forward each) or on prompts (greedy decoding); return the validation prompts too.
+    """Calibrate, and return the validation prompts and where both came from.
 
-    Validation prompts come after the calibration ones, so the check sees new prompts from the same distribution.
+    From the data stage's held-out rows when `data_dir` has them (one forward each: the rows are the base's own
+    greedy text), else from `tree.prompts` (greedy decoding). Validation prompts come after the calibration ones, so
+    the check sees new prompts from the same distribution.
     """
+    from medusa_toolkit.prompts import load_prompts
+
+    tc = cfg.tree
+    depth = resolve_depth(tc.max_depth, model.num_heads)
+    rows = load_eval_rows(data_dir, allow_train) if data_dir is not None and Path(data_dir).is_dir() else None
+    n_cal, n_val = tc.num_calibration_prompts, tc.num_validation_prompts
     if rows is not None:
         seqs, masks, where = rows
-        if not seqs:
-            raise CalibrationError(f"{where} is empty: no calibration rows")
+        if "no held-out split" in where:
+            warnings.warn(f"{where}: the heads may have trained on these rows; acceptance will look optimistic",
+                          stacklevel=2)  # fmt: skip
         starts = [min(response_start(m), len(s)) for s, m in zip(seqs, masks)]
-        calib = calibrate_sequences(model, seqs[:num_calibration], starts[:num_calibration], depth, top_k, progress)
-        rest = list(zip(seqs, starts))[num_calibration:] or list(zip(seqs, starts))
-        val = [s[:st] for s, st in rest if st > 0][:num_validation]
-        return calib, val, f"data rows {where} ({min(num_calibration, len(seqs))} rows)"
-    if not prompts:
-        raise CalibrationError(
-            f"no calibration prompts ({prompt_source or 'empty list'}); pass --prompts FILE or --data DIR"
-        )
-    calib = calibrate_prompts(model, prompts[:num_calibration], max_new_tokens, depth, top_k, progress=progress)
-    rest = prompts[num_calibration:] or prompts
-    return calib, rest[:num_validation], f"{prompt_source} ({min(num_calibration, len(prompts))} prompts, greedy)"
+        calib = calibrate_sequences(model, seqs[:n_cal], starts[:n_cal], depth, tc.top_k, cfg.logging.progress)
+        rest = list(zip(seqs, starts))[n_cal:] or list(zip(seqs, starts))
+        val = [s[:st] for s, st in rest if st > 0][:n_val]
+        return calib, val, f"data rows {where} ({min(n_cal, len(seqs))} rows)"
+    if tc.prompts in ("chitchat", "builtin"):
+        texts = load_prompts(tc.prompts, split="heldout", num=n_cal + n_val)
+    else:
+        texts = load_prompts("file", path=tc.prompts, field=tc.prompt_field, num=n_cal + n_val)
+    d = cfg.data
+    prompts = prompt_token_ids(model.tokenizer, texts, d.use_chat_template, d.system_prompt, d.max_prompt_tokens)
+    calib = calibrate_prompts(model, prompts[:n_cal], tc.calibration_max_new_tokens, depth, tc.top_k,
+                              progress=cfg.logging.progress)  # fmt: skip
+    rest = prompts[n_cal:] or prompts
+    return calib, rest[:n_val], f"{tc.prompts} prompts ({min(n_cal, len(prompts))}, greedy)"
 
 
 def resolve_depth(max_depth: int | None, num_heads: int) -> int:
@@ -617,49 +435,39 @@ def resolve_depth(max_depth: int | None, num_heads: int) -> int:
     return max_depth
 
 
+def tune_from_config(
+    cfg: ToolkitConfig, heads: str | Path, out_file: Path, data_dir: Path | None = None, allow_train: bool = False
+) -> None:
+    """What the stage and medusa-tune-tree do: load heads then the base, calibrate, tune, validate, write."""
+    from medusa_toolkit.base_model import load_base_model
+    from medusa_toolkit.heads import MedusaHeads
+
+    tc = cfg.tree
+    loaded = MedusaHeads.from_pretrained(heads)  # cheap: a bad folder fails before the base loads
+    if tc.tree != "auto":  # a fixed tree: record it, no tuning
+        tree = MedusaTree.resolve(tc.tree, loaded.num_heads)
+        tree.metadata = {**tree.metadata, "source": tc.tree}
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        tree.save(out_file)
+        return
+    resolve_depth(tc.max_depth, loaded.num_heads)
+    m = cfg.model
+    base, tokenizer = load_base_model(m.name_or_path, m.dtype, m.device, m.attn_implementation)
+    model = MedusaModel(base, loaded, tokenizer)
+    calib, val_prompts, desc = calibration_inputs(cfg, model, data_dir, allow_train)
+    tune_tree(
+        model, calib, tc, out_file, attn=m.attn_implementation, calibration_source=desc,
+        validation_prompts=val_prompts if tc.num_validation_prompts else None, progress=cfg.logging.progress,
+    )  # fmt: skip
+
+
 def run_tree(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     """The `tree` stage: tune from run_dir/heads on held-out data, write out_dir/tree.json and PNG plots."""
     import torch.distributed as dist
 
-    from medusa_toolkit.heads import MedusaHeads
-    from medusa_toolkit.models import load_base_model
-    from medusa_toolkit.prompts import load_prompts
-
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return  # one process measures; others would compete for the same cores and skew the latency
-    tc = cfg.tree
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    heads_dir = run_dir / "heads"
-    if not heads_dir.is_dir():
-        raise TuneError(f"no heads in {heads_dir}; run the 'train' stage first")
-    heads = MedusaHeads.from_pretrained(heads_dir)
-    if tc.tree != "auto":  # a fixed tree: record it, no tuning
-        tree = MedusaTree.resolve(tc.tree, heads.num_heads)
-        tree.metadata = {**tree.metadata, "source": tc.tree}
-        tree.save(out_dir / TREE_FILE)
-        return
-    base, tokenizer = load_base_model(
-        cfg.model.name_or_path, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation
-    )
-    model = MedusaModel(base, heads, tokenizer)
-    depth = resolve_depth(tc.max_depth, model.num_heads)
-    rows = load_eval_rows(run_dir / "data") if (run_dir / "data").is_dir() else None
-    prompts, source = None, ""
-    if rows is None:
-        total = tc.num_calibration_prompts + tc.num_validation_prompts
-        texts = load_prompts("chitchat", split="heldout", num=total)
-        prompts = prompt_token_ids(
-            tokenizer, texts, cfg.data.use_chat_template, cfg.data.system_prompt, cfg.data.max_prompt_tokens
-        )
-        source = "chitchat held-out prompts"
-    calib, val_prompts, desc = calibrate_and_split(
-        model, depth=depth, top_k=tc.top_k, num_calibration=tc.num_calibration_prompts,
-        num_validation=tc.num_validation_prompts, max_new_tokens=tc.calibration_max_new_tokens, rows=rows,
-        prompts=prompts, prompt_source=source, progress=cfg.logging.progress,
-    )  # fmt: skip
-    tune_and_write(
-        model, calib, out_dir, max_nodes=tc.max_nodes, objective=tc.objective, prefix_length=tc.prefix_length,
-        batch_size=tc.batch_size, attn=cfg.model.attn_implementation, validation_prompts=val_prompts,
-        max_new_tokens=tc.calibration_max_new_tokens, calibration_source=desc, repeats=tc.latency_repeats,
-        progress=cfg.logging.progress,
-    )  # fmt: skip
+    run_dir = Path(run_dir)
+    if not (run_dir / "heads").is_dir():
+        raise TuneError(f"no heads in {run_dir / 'heads'}; run the 'train' stage first")
+    tune_from_config(cfg, run_dir / "heads", Path(out_dir) / TREE_FILE, run_dir / "data")
