@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medusa_toolkit.cli import Shortcut, add_config_arguments, config_from_args, run_command
+from medusa_toolkit.cli import Shortcut, add_config_arguments, config_from_args, heads_argument, output_dir, run_command
 from medusa_toolkit.config import ConfigError
 
 SHORTCUTS = [
@@ -59,14 +59,12 @@ def run(argv: list[str] | None) -> int:
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args, SHORTCUTS)
-    output_dir = Path(cfg.output_dir) if args.config else None
-    heads = args.heads or (output_dir / "heads" if output_dir else None)
-    out = args.out or (output_dir / "export" if output_dir else None)
-    if heads is None or out is None:
-        raise ConfigError("--heads and --out are required (or pass the CONFIG of a run: its OUTPUT_DIR/heads are "
-                          "exported to OUTPUT_DIR/export)")  # fmt: skip
+    heads, run = heads_argument(args, cfg, "exported"), output_dir(args, cfg)
+    out = args.out or (run / "export" if run else None)
+    if out is None:
+        raise ConfigError("--out is required (or pass the CONFIG of a run: packages go to its OUTPUT_DIR/export)")
     heads_path = Path(heads)
-    run_dir = Path(args.run_dir) if args.run_dir else output_dir
+    run_dir = Path(args.run_dir) if args.run_dir else run
     if run_dir is None and heads_path.is_dir() and any((heads_path.parent / d).is_dir() for d in ("tree", "verify")):
         run_dir = heads_path.parent
     base = args.base_model or (cfg.model.name_or_path if args.config else None)

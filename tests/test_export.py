@@ -203,7 +203,7 @@ def _fake_run(run_dir: Path) -> MedusaHeads:
     (run_dir / "heads" / "training_summary.json").write_text(json.dumps({"steps": 10, "final_loss": 1.5}))
     (run_dir / "tree").mkdir()
     tree = {"name": "tuned", "paths": [[0], [1], [0, 0]], "top_k": 2}
-    tree["acceptance"] = {"head_rank_accuracy": [[0.7, 0.1], [0.4, 0.2], [0.2, 0.1]]}  # as tune_tree writes it
+    tree["acceptance"] = {"head_rank_accuracy": [[0.7, 0.1], [0.4, 0.2], [0.2, 0.1]]}  # as the tree stage writes it
     (run_dir / "tree" / "tree.json").write_text(json.dumps(tree))
     import matplotlib
 

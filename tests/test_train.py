@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import base_config, tiny_model_dir, write_permutation_data
+from tiny import tiny_model_dir
+from train_helpers import base_config, write_permutation_data
 
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.heads import MedusaHeads

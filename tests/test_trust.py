@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_helpers import VOCAB, tiny_model_dir
+from tiny import BYTE_VOCAB, tiny_model_dir
 
 from medusa_toolkit import MedusaHeads, stages
 from medusa_toolkit.config import config_from_dict, load_config
@@ -35,7 +35,7 @@ def heads_for(model_dir: Path, folder: Path, seed: int) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    heads = MedusaHeads(64, VOCAB, 2, base_model_name_or_path=str(model_dir))
+    heads = MedusaHeads(64, BYTE_VOCAB, 2, base_model_name_or_path=str(model_dir))
     heads.init_from_lm_head(AutoModelForCausalLM.from_pretrained(model_dir).lm_head.weight)
     with torch.no_grad():
         for block in (h[0].linear for h in heads.heads):
@@ -167,7 +167,7 @@ def test_truncated_weights_are_a_load_error_not_a_mismatch(tmp_path, model_dir, 
     assert "truncated or corrupt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", ["train.cli", "verify.cli", "verify.tune_cli", "export.cli"])
+@pytest.mark.parametrize("module", ["train.cli", "verify.cli", "tune_cli", "export.cli"])
 def test_help_works_without_dev_extras(module):
     """`pip install medusa-toolkit` has no scipy, pytest or ruff: every --help must still work."""
     blocked = "; ".join(f"sys.modules[{m!r}] = None" for m in ("scipy", "pytest", "_pytest", "ruff", "pytest_timeout"))
@@ -309,7 +309,7 @@ def test_pushed_packages_need_a_hub_id_for_the_base(tmp_path, model_dir, capsys)
 
 
 def test_uncached_hub_base_offline_names_the_real_fix():
-    from medusa_toolkit.models import ModelLoadError, load_base_model
+    from medusa_toolkit.base_model import ModelLoadError, load_base_model
 
     with pytest.raises(ModelLoadError) as info:
         load_base_model("some-org/not-cached-anywhere")

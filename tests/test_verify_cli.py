@@ -124,7 +124,7 @@ def test_verify_stage(smol_heads, tmp_path):
 def test_sampling_check_through_the_cli(tmp_path, capsys):
     """`--sampling` runs the distribution test: the lossless sampler passes; a bad spec is a usage error (exit 2)."""
     import torch
-    from train_helpers import tiny_model_dir
+    from tiny import tiny_model_dir
 
     model_dir = tiny_model_dir(tmp_path / "model")
     base = load_base_model(str(model_dir))[0]

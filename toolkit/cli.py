@@ -13,6 +13,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from medusa_toolkit.config import ConfigError, ToolkitConfig, load_config
@@ -87,6 +88,27 @@ def config_from_args(args: argparse.Namespace, shortcuts: list[Shortcut]) -> Too
         for key, flag in flags.items():
             message = message.replace(f"config key '{key}': ", f"{flag} ({key}) ")
         raise ConfigError(message) from None
+
+
+def output_dir(args: argparse.Namespace, cfg: ToolkitConfig) -> Path | None:
+    """The run directory when a CONFIG was given (the standalone commands then default to its artefacts)."""
+    return Path(cfg.output_dir) if args.config else None
+
+
+def heads_argument(args: argparse.Namespace, cfg: ToolkitConfig, verb: str) -> str:
+    """--heads, else the CONFIG run's OUTPUT_DIR/heads; with neither, a ConfigError saying so."""
+    run = output_dir(args, cfg)
+    if args.heads:
+        return args.heads
+    if run is None:
+        raise ConfigError(f"--heads is required (or pass the CONFIG of a run: its OUTPUT_DIR/heads are {verb})")
+    return str(run / "heads")
+
+
+def require_base(args: argparse.Namespace) -> None:
+    """The standalone commands need the base: --base, or the CONFIG whose model.name_or_path names it."""
+    if args.config is None and getattr(args, "base", None) is None:
+        raise ConfigError("--base is required (or pass the CONFIG of a run, whose model.name_or_path is the base)")
 
 
 def run_command(prog: str, body: Callable[[], int], interrupted_hint: str = "nothing was written") -> int:

@@ -18,7 +18,7 @@ _MEMO: dict[str, str] | None = None
 
 
 def _memo_path() -> Path:
-    from medusa_toolkit.models import cache_dir
+    from medusa_toolkit.base_model import cache_dir
 
     return cache_dir() / "digests.json"
 

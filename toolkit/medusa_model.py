@@ -9,8 +9,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from medusa_toolkit.base_model import freeze, load_base_model
 from medusa_toolkit.heads import MedusaHeads
-from medusa_toolkit.models import freeze, load_base_model
 
 
 @dataclass

@@ -13,7 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from medusa_toolkit.cli import Shortcut, add_config_arguments, config_from_args, run_command
+from medusa_toolkit.cli import (
+    Shortcut,
+    add_config_arguments,
+    config_from_args,
+    heads_argument,
+    require_base,
+    run_command,
+)
 from medusa_toolkit.config import ConfigError
 
 ATTN_CHOICES = ("sdpa", "eager", "medusa_flash_decoding")
@@ -63,11 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)  # argparse exits 2 on bad usage
     cfg = config_from_args(args, SHORTCUTS)
-    if args.heads is None and args.config is None:
-        raise ConfigError("--heads is required (or pass the CONFIG of a run: its OUTPUT_DIR/heads are verified)")
-    if args.config is None and args.base is None:
-        raise ConfigError("--base is required (or pass the CONFIG of a run, whose model.name_or_path is the base)")
-    heads = args.heads or str(Path(cfg.output_dir) / "heads")
+    heads = heads_argument(args, cfg, "verified")
+    require_base(args)
     tree = cfg.verify.tree
     if tree is None and args.config is not None:  # a run's config: its tuned tree when the tree stage ran
         tuned = Path(cfg.output_dir) / "tree" / "tree.json"

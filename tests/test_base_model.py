@@ -5,7 +5,7 @@ import torch
 from tiny import tiny_base
 
 from medusa_toolkit import MedusaHeads, MedusaModel, ModelLoadError, load_base_model, medusa_generate
-from medusa_toolkit import models as models_mod
+from medusa_toolkit import base_model as models_mod
 
 
 @pytest.fixture(scope="module")
