@@ -1,14 +1,23 @@
-"""Tiny random base models and quickly fitted heads, shared by the tests."""
+"""Tiny random base models, quickly fitted heads, a byte tokenizer and on-disk model folders, shared by the tests.
+
+`fitted(...)` builds a tiny model with heads self-distilled on its own greedy text ONCE per test session (a cache
+keyed by its arguments): modules asking for the same model share it, so treat it as read-only.
+"""
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from medusa_toolkit import MedusaHeads, MedusaModel
-from medusa_toolkit.models import freeze
+from medusa_toolkit.base_model import freeze
 
 VOCAB = 256
+# A branching tree with rank > 0 nodes at several depths (rejections and non-top-1 acceptances both happen).
+BRANCHING = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 0, 0]]
 _CONFIGS = {
     "llama": LlamaConfig,
     "qwen2": Qwen2Config,
@@ -82,3 +91,78 @@ def fit_heads(
 def tiny_medusa(family: str = "llama", seed: int = 0, num_heads: int = 4, steps: int = 150, **kw) -> MedusaModel:
     base = tiny_base(family, seed, **kw)
     return MedusaModel(base, fit_heads(base, num_heads, steps, seed))
+
+
+@functools.cache
+def fitted(
+    family: str = "llama",
+    seed: int = 1,
+    num_heads: int = 4,
+    steps: int = 120,
+    sharpen: bool = False,
+    lm_head_scale: float = 1.0,
+    **base_kw,
+) -> tuple[MedusaModel, torch.Tensor]:
+    """A tiny base with heads fitted to its own greedy text, and that text [16, 52]; built once per session.
+
+    `sharpen`: scale the attention logits 5x (random tiny models attend almost uniformly, so position ids would barely
+    matter; trained models do not, and an off-by-one position must change tokens). `lm_head_scale`: peak the
+    next-token distribution (a random init is nearly uniform; real LMs are peaked).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: thread hand-offs cost more than they save on a busy 2-core machine
+    try:
+        base = tiny_base(family, seed, **base_kw)
+        with torch.no_grad():
+            base.lm_head.weight.mul_(lm_head_scale)
+        if sharpen:
+            with torch.no_grad():
+                for layer in base.model.layers:
+                    layer.self_attn.q_proj.weight.mul_(5.0)
+                    layer.self_attn.k_proj.weight.mul_(5.0)
+        return MedusaModel(base, fit_heads(base, num_heads, steps, seed)), greedy_corpus(base, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# On disk: a byte tokenizer and model folders usable as model.name_or_path
+
+BOS, EOS = 256, 257
+BYTE_VOCAB = 258
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def byte_tokenizer(chat_template: bool = True):
+    """A byte-level tokenizer: 256 byte tokens + <s> (256) + </s> (257), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab.update({"<s>": BOS, "</s>": EOS})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_model_dir(base, path: Path, chat_template: bool = True) -> Path:
+    """A base model + the byte tokenizer as a HF folder (what load_base_model reads)."""
+    base.save_pretrained(path)
+    byte_tokenizer(chat_template).save_pretrained(path)
+    return Path(path)
+
+
+def tiny_model_dir(path: Path, seed: int = 0, chat_template: bool = True, max_positions: int = 1024) -> Path:
+    """A tiny random Llama (vocab 258, EOS 257) + byte tokenizer as a HF folder usable as model.name_or_path."""
+    base = tiny_base("llama", seed, vocab=BYTE_VOCAB, eos=EOS)
+    base.config.max_position_embeddings = max_positions
+    return save_model_dir(base, path, chat_template)

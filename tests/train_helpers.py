@@ -1,45 +1,10 @@
-"""Tiny on-disk models, tokenizers and data artefacts for the training tests (no network, seconds to build)."""
+"""Data artefacts and configs for the training tests (no network, seconds to build); models come from tiny.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from tiny import tiny_base
-
-BOS, EOS = 256, 257
-VOCAB = 258
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def byte_tokenizer(chat_template: bool = True):
-    """A byte-level tokenizer: 256 byte tokens + <s> (256) + </s> (257), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab.update({"<s>": BOS, "</s>": EOS})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    if chat_template:
-        fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def tiny_model_dir(path: Path, seed: int = 0, chat_template: bool = True, max_positions: int = 1024) -> Path:
-    """Save a tiny random Llama (vocab 258) + byte tokenizer as a HF folder usable as model.name_or_path."""
-    base = tiny_base("llama", seed, vocab=VOCAB, eos=EOS)
-    base.config.max_position_embeddings = max_positions
-    base.save_pretrained(path)
-    byte_tokenizer(chat_template).save_pretrained(path)
-    return Path(path)
 
 
 def write_permutation_data(
