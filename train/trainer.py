@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from medusa_toolkit.base_model import load_base_model
 from medusa_toolkit.config import ToolkitConfig
 from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.heads import MedusaHeads
-from medusa_toolkit.models import load_base_model
 from medusa_toolkit.train import distributed as D
 from medusa_toolkit.train.data import load_data
 from medusa_toolkit.train.losses import MedusaObjective
