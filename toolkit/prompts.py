@@ -109,6 +109,79 @@ def _field(rows: list, field: str, source: str) -> list[str]:
     return [r[field] for r in rows]
 
 
+EVAL_FILE = Path(__file__).parent / "prompt_sets" / "eval.jsonl"
+EVAL_DOMAINS = ("chat", "instructions", "code", "math")
+
+
+def eval_prompts(domains: tuple[str, ...] | list[str] | None = None) -> list[tuple[str, str]]:
+    """The held-out evaluation set: (domain, prompt) pairs written for this repo, never used for training.
+
+    30 prompts per domain (chat, instructions, code, math/reasoning), from none of the training sources, so tuning and
+    verification on them say how the heads do on traffic unlike their training prompts.
+    """
+    rows = [json.loads(line) for line in EVAL_FILE.read_text().splitlines() if line.strip()]
+    return [(r["domain"], r["prompt"]) for r in rows if domains is None or r["domain"] in domains]
+
+
+def interleave_domains(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Round-robin over domains, so any prefix of the list covers every domain about equally."""
+    by_domain: dict[str, list[tuple[str, str]]] = {}
+    for pair in pairs:
+        by_domain.setdefault(pair[0], []).append(pair)
+    out, queues = [], list(by_domain.values())
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
+
+
+def load_conversations(path: str | None, field: str = "conversations", split: str = "train") -> list[list[str]]:
+    """The user turns of multi-turn records (ShareGPT `conversations`: from/value, or `messages`: role/content) from a
+    jsonl/json file or a `datasets` name; the assistant turns are dropped (the base regenerates them)."""
+    if not path:
+        raise PromptError("prompt source 'conversations' needs a path: a jsonl/json file or a datasets name")
+    if Path(path).suffix in (".jsonl", ".json", ".parquet", ".csv") or Path(path).exists():
+        file = Path(path)
+        if not file.is_file():
+            raise PromptError(f"conversations file not found: {path}")
+        if file.suffix == ".jsonl":
+            rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        elif file.suffix == ".json":
+            rows = json.loads(file.read_text())
+        else:
+            import datasets
+
+            rows = datasets.load_dataset(file.suffix[1:], data_files=str(file), split="train").to_list()
+    else:
+        import datasets
+
+        try:
+            rows = datasets.load_dataset(path, split=split).to_list()
+        except Exception as e:
+            raise PromptError(
+                f"could not load dataset {path!r} (split {split!r}): {e}. Offline, use a local file"
+            ) from None
+    out = []
+    for n, row in enumerate(rows):
+        turns = row.get(field) if isinstance(row, dict) else None
+        if turns is None and isinstance(row, dict):
+            turns = row.get("conversations", row.get("messages"))
+        if not isinstance(turns, list):
+            raise PromptError(f"{path}: record {n} has no list of turns in field {field!r} (ShareGPT or messages)")
+        users = []
+        for t in turns:
+            role = str(t.get("from", t.get("role", ""))).lower()
+            text = t.get("value", t.get("content", ""))
+            if role in ("human", "user") and isinstance(text, str) and text.strip():
+                users.append(text)
+        if users:
+            out.append(users)
+    if not out:
+        raise PromptError(f"{path}: no conversation with a user turn")
+    return out
+
+
 def load_prompts(
     source: str, path: str | None = None, field: str = "prompt", split: str = "train", num: int | None = None
 ) -> list[str]:
@@ -118,6 +191,8 @@ def load_prompts(
     """
     if source == "chitchat":
         prompts = chitchat_prompts("train" if split == "train" else "heldout")
+    elif source == "eval":
+        prompts = [p for _, p in interleave_domains(eval_prompts())]
     elif source == "builtin":
         prompts = list(BUILTIN_PROMPTS)
     elif source == "none":
@@ -140,21 +215,22 @@ def load_prompts(
     return prompts
 
 
-NAMED_SOURCES = ("chitchat", "builtin", "none", "hf", "file")
+NAMED_SOURCES = ("chitchat", "builtin", "eval", "none", "hf", "file", "self", "conversations")
 
 
 def check_prompt_source(source: str, path: str | None, section: str) -> None:
     """Fail fast on a prompt source before anything loads: a file must exist, `file`/`hf` need a path."""
-    key = f"{section}.source" if section == "data" else f"{section}.prompts"
-    if source in ("file", "hf") and not path:
-        raise PromptError(f"{key}: {source!r} needs a path ({section}.path): a prompts file or a datasets name")
-    target = path if source == "file" else (None if source in NAMED_SOURCES else source)
+    key = f"{section}.sources[].source" if section == "data" else f"{section}.prompts"
+    if source in ("file", "hf", "conversations") and not path:
+        raise PromptError(f"{key}: {source!r} needs a path: a prompts file or a datasets name")
+    is_file = source == "file" or (source == "conversations" and Path(path or "").suffix != "")
+    target = path if is_file else (None if source in NAMED_SOURCES else source)
     if target is not None:
         file = Path(target).expanduser()
         if not file.is_file():
             raise PromptError(
                 f"{key}: prompts file not found: {target}; pass an existing .jsonl/.json/.parquet/.csv/.txt file"
-                f"{'' if section == 'data' else ' or one of chitchat, builtin'}"
+                f"{'' if section == 'data' else ' or one of builtin, chitchat, eval'}"
             )
     elif source == "chitchat" and importlib.util.find_spec("chitchat_dataset") is None:
         raise PromptError(
