@@ -24,7 +24,11 @@ def model_dir(tmp_path_factory):
 
 
 def _cfg(model_dir, **data):
+    """The tiny config; `source`, `path`, `field` make its one prompt source."""
     raw = base_config(model_dir)
+    source = {k: data.pop(k) for k in ("source", "path", "field", "split") if k in data}
+    if source:
+        raw["data"]["sources"] = [source]
     raw["data"].update(data)
     return config_from_dict(raw)
 

@@ -20,7 +20,7 @@ def write_config(tmp_path, model_dir, push: str | None) -> str:
         "output_dir": str(tmp_path / "run"),
         "model": {"name_or_path": str(model_dir)},
         "heads": {"num_heads": 3, "head_type": "per_head_lm_head"},
-        "data": {"source": "builtin", "num_prompts": 8, "max_new_tokens": 32, "batch_size": 4, "eval_fraction": 0.25,
+        "data": {"sources": [{"source": "builtin"}], "num_prompts": 8, "max_new_tokens": 32, "batch_size": 4, "eval_fraction": 0.25,
                  "shard_size": 4},
         "train": {"epochs": 30.0, "micro_batch_size": 4, "learning_rate": 3e-3, "eval_every": 10, "log_every": 10,
                   "checkpoint_every": 20},

@@ -59,11 +59,11 @@ def test_changed_prompts_file_reruns_the_data_stage(tmp_path, monkeypatch):
     registry = {"data": stages.Stage("data", "x:y", ("model", "data"), ())}
     monkeypatch.setattr(stages, "STAGES", registry)
     monkeypatch.setattr(
-        stages.Stage, "function", lambda self: lambda c, r, o: calls.append(Path(c.data.path).read_text())
+        stages.Stage, "function", lambda self: lambda c, r, o: calls.append(Path(c.data.sources[0].path).read_text())
     )
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first prompt\n")
-    cfg = config_from_dict({"data": {"source": "file", "path": str(prompts)}})
+    cfg = config_from_dict({"data": {"sources": [{"source": "file", "path": str(prompts)}]}})
     stages.run_pipeline(cfg, tmp_path / "run", ["data"])
     stages.run_pipeline(cfg, tmp_path / "run", ["data"])
     assert calls == ["first prompt\n"]  # unchanged file: cached
@@ -272,7 +272,7 @@ def test_verify_checks_every_prompt_of_a_file(tmp_path, model_dir, capsys):
 
 def test_empty_stages_and_missing_files_fail_before_any_stage(tmp_path, model_dir, capsys):
     cfg = {"output_dir": str(tmp_path / "run"), "model": {"name_or_path": str(model_dir)},
-           "data": {"source": "builtin", "num_prompts": 2}, "logging": {"progress": False, "wandb_mode": "disabled"},
+           "data": {"sources": [{"source": "builtin"}], "num_prompts": 2}, "logging": {"progress": False, "wandb_mode": "disabled"},
            "train": {"deepspeed": {"config_file": str(tmp_path / "missing-ds.json")}}}  # fmt: skip
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))

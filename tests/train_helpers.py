@@ -46,7 +46,7 @@ def base_config(model_dir: Path, **train) -> dict:
         "model": {"name_or_path": str(model_dir)},
         "heads": {"num_heads": 2, "head_type": "per_head_lm_head"},
         "data": {
-            "source": "builtin",
+            "sources": [{"source": "builtin"}],
             "num_prompts": 8,
             "max_new_tokens": 24,
             "batch_size": 4,

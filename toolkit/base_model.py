@@ -136,6 +136,26 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path  # a Hub id
 
 
+def has_bf16_matmul() -> bool:
+    """Whether this machine multiplies bfloat16 fast: a GPU that supports it, or a CPU with avx512_bf16 / amx_bf16."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_generation_dtype(choice: str | None, model_dtype: str) -> str:
+    """data.generation_dtype as a dtype name: null -> model.dtype; auto -> bfloat16 where bf16 matmuls are fast."""
+    if choice is None:
+        return model_dtype
+    if choice == "auto":
+        return "bfloat16" if has_bf16_matmul() else model_dtype
+    return choice
+
+
 def is_hub_id(name: str) -> bool:
     """ORG/NAME that is not a local path (Hub ids have exactly one slash and no path prefix)."""
     return (

@@ -100,7 +100,7 @@ def named_files(cfg: ToolkitConfig, stage: str) -> dict[str, str]:
     """{config key: path} of the files (and folders) a stage's config names; their content is part of its inputs."""
     d, t, v = cfg.data, cfg.train, cfg.verify
     candidates = {
-        "data": {"data.path": d.path if d.source == "file" else None},
+        "data": {f"data.sources[{i}].path": src.path for i, src in enumerate(d.sources) if src.path},
         "train": {"train.deepspeed.config_file": t.deepspeed.config_file, "heads.init_from": cfg.heads.init_from},
         "tree": {"tree.tree": cfg.tree.tree if cfg.tree.tree != "auto" else None, "tree.prompts": cfg.tree.prompts},
         "verify": {"verify.tree": v.tree, "verify.prompts": v.prompts, "tree.tree": cfg.tree.tree},
@@ -115,7 +115,7 @@ def named_files(cfg: ToolkitConfig, stage: str) -> dict[str, str]:
 
 def input_hash(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> str:
     """Hash of everything a stage's output depends on: config sections, named files' content, upstream artefacts."""
-    from medusa_toolkit.base_model import base_fingerprint
+    from medusa_toolkit.base_model import base_fingerprint, resolve_generation_dtype
 
     cfg_dict = cfg.to_dict()
     for section, key in NOT_INPUTS:
@@ -129,6 +129,8 @@ def input_hash(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> str:
         "sections": {s: cfg_dict[s] for s in stage.sections},
         "files": {key: path_digest(path) for key, path in named_files(cfg, stage.name).items()},
         "base_model": base_fingerprint(cfg.model.name_or_path),
+        # What `auto` resolved to on this machine: data generated in bf16 is not the float32 data.
+        "generation_dtype": resolve_generation_dtype(cfg.data.generation_dtype, cfg.model.dtype),
         "upstream": upstream,
         "toolkit_version": __version__,
     }
@@ -267,7 +269,8 @@ def check_inputs(cfg: ToolkitConfig, stages: list[str]) -> None:
     check_model_spec(cfg.model.name_or_path)
     d, t = cfg.data, cfg.train
     if "data" in stages:
-        check_prompt_source(d.source, d.path, "data")
+        for src in d.sources:
+            check_prompt_source(src.source, src.path, "data")
     if "train" in stages and t.deepspeed.config_file:
         path = Path(t.deepspeed.config_file).expanduser()
         if not path.is_file():

@@ -14,16 +14,18 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from medusa_toolkit import special_tokens
-from medusa_toolkit.base_model import load_base_model
+from medusa_toolkit.base_model import load_base_model, resolve_generation_dtype
 from medusa_toolkit.config import ToolkitConfig
 from medusa_toolkit.errors import ToolkitError
-from medusa_toolkit.prompts import PromptError, load_prompts, render_prompt
+from medusa_toolkit.prompts import PromptError, load_conversations, load_prompts, render_prompt
 from medusa_toolkit.train import distributed as D
 
 SUMMARY = "data_summary.json"
@@ -45,43 +47,76 @@ def partial_dir(cfg: ToolkitConfig, run_dir: Path) -> Path:
     return Path(run_dir) / ".data.partial" / data_hash(cfg, run_dir)
 
 
-def get_prompts(cfg: ToolkitConfig) -> list[str]:
-    """The configured prompts (raises DataError with the fix when there are none)."""
-    d = cfg.data
-    try:
-        return load_prompts(d.source, d.path, d.field, d.split, num=d.num_prompts)
-    except PromptError as e:
-        raise DataError(f"data stage: {e}") from None
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompt sources -> conversations (one user turn for a plain prompt, several for a multi-turn record)
 
 
-def tokenize_prompts(cfg: ToolkitConfig, tokenizer, prompts: list[str], context: int) -> tuple[list[list[int]], dict]:
-    """Render prompts to ids; prompts too long for data.max_prompt_tokens or the context are skipped and counted."""
+@dataclass
+class Conversation:
+    """The user turns of one conversation; the base writes every assistant turn itself."""
+
+    users: list[str]
+    source: str
+
+
+def source_counts(weights: list[float], total: int) -> list[int]:
+    """Split `total` prompts over sources by weight (largest remainder: the counts sum to `total` exactly)."""
+    shares = [total * w / sum(weights) for w in weights]
+    counts = [int(x) for x in shares]
+    by_remainder = sorted(range(len(shares)), key=lambda i: shares[i] - counts[i], reverse=True)
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def load_sources(cfg: ToolkitConfig, model, tokenizer, fits) -> tuple[list[Conversation], list[dict]]:
+    """Every configured source's share of data.num_prompts, as conversations, and what each source gave."""
     d = cfg.data
-    limit = min(d.max_prompt_tokens, context - d.max_new_tokens)
-    if limit < 1:
-        raise DataError(
-            f"data.max_new_tokens={d.max_new_tokens} leaves no room for a prompt in the model's context of {context} "
-            "tokens; lower data.max_new_tokens"
-        )
-    use_template = d.use_chat_template and d.source != "none"
-    kept, skipped = [], {"too_long": 0, "empty": 0}
-    for p in prompts:
-        if d.source != "none" and not p.strip():
-            skipped["empty"] += 1
-            kept.append(None)
-            continue
-        ids = render_prompt(tokenizer, p, use_template, d.system_prompt)
-        if len(ids) > limit:
-            skipped["too_long"] += 1
-            kept.append(None)
-        else:
-            kept.append(ids)
-    if all(k is None for k in kept):
-        raise DataError(
-            f"data stage: all {len(prompts)} prompts were skipped ({skipped['too_long']} longer than {limit} tokens, "
-            f"{skipped['empty']} empty); raise data.max_prompt_tokens or use shorter prompts"
-        )
-    return kept, skipped
+    counts = source_counts([src.weight for src in d.sources], d.num_prompts)
+    conversations, report = [], []
+    for src, count in zip(d.sources, counts):
+        entry = {"source": src.source, "path": src.path, "weight": src.weight, "requested": count}
+        try:
+            if src.source == "self":
+                from medusa_toolkit.train.magpie import self_prompts
+
+                texts, entry["self_prompts"] = self_prompts(
+                    model, tokenizer, count, system_prompt=d.system_prompt, temperature=src.temperature,
+                    top_p=src.top_p, max_tokens=src.max_tokens, batch_size=max(d.batch_size, 16), seed=d.seed,
+                    fits=fits,
+                )  # fmt: skip
+                turns = [[t] for t in texts]
+            elif src.source == "conversations":
+                turns = load_conversations(src.path, src.field, src.split)
+            else:
+                turns = [[t] for t in load_prompts(src.source, src.path, src.field, src.split, num=count)]
+        except PromptError as e:
+            raise DataError(f"data stage: {e}") from None
+        entry["available"], entry["taken"] = len(turns), min(count, len(turns))
+        conversations += [Conversation(t, src.source) for t in turns[:count]]
+        report.append(entry)
+    return conversations, report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation: every assistant turn regenerated by the base, turn by turn
+
+
+def render_turns(tokenizer, cfg: ToolkitConfig, convo: Conversation, replies: list[str]) -> list[int]:
+    """Token ids of the conversation up to its next user turn, with the base's own replies, ready for the next
+    assistant turn (the chat template's generation prompt)."""
+    d = cfg.data
+    if convo.source == "none":
+        return render_prompt(tokenizer, "", False)
+    if len(convo.users) == 1 or not d.use_chat_template:
+        return render_prompt(tokenizer, convo.users[0], d.use_chat_template, d.system_prompt)
+    messages = [{"role": "system", "content": d.system_prompt}] if d.system_prompt else []
+    for user, reply in zip(convo.users, [*replies, None]):
+        messages.append({"role": "user", "content": user})
+        if reply is not None:
+            messages.append({"role": "assistant", "content": reply})
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
 
 
 @torch.no_grad()
@@ -112,25 +147,63 @@ def generate_batch(model, tokenizer, batch: list[list[int]], cfg: ToolkitConfig,
     return responses
 
 
-def _shard_rows(cfg, model, tokenizer, items, pad_id, bar) -> tuple[dict, int]:
-    rows = {"input_ids": [], "loss_mask": [], "prompt_length": [], "prompt_index": []}
-    empty = 0
-    for start in range(0, len(items), cfg.data.batch_size):
-        chunk = items[start : start + cfg.data.batch_size]
-        t0 = time.time()
-        responses = generate_batch(model, tokenizer, [ids for _, ids in chunk], cfg, pad_id)
-        for (index, ids), resp in zip(chunk, responses):
-            if not resp:
-                empty += 1
+def _shard_rows(cfg, model, tokenizer, items: list[tuple[int, Conversation]], pad_id, bar) -> tuple[dict, dict]:
+    """Regenerate every assistant turn of a shard's conversations, a turn at a time over the whole shard.
+
+    A row holds the exact ids the base saw and wrote: turn k's context is the template rendering of turns < k with the
+    base's replies, and it must extend the ids so far token for token; where the re-rendered text tokenizes
+    differently (the reply's text round trip is not exact), the conversation ends there and the mismatch is counted.
+    """
+    d = cfg.data
+    seqs = {i: [] for i, _ in items}  # exact ids so far
+    masks = {i: [] for i, _ in items}
+    replies = {i: [] for i, _ in items}
+    prompt_length, stats = {}, {"empty_response": 0, "turns": 0, "retokenization_mismatch": 0}
+    open_turns = {i: c for i, c in items}
+    turn = 0
+    while open_turns:
+        contexts = {}
+        for i, convo in list(open_turns.items()):
+            ids = render_turns(tokenizer, cfg, convo, replies[i])
+            if turn and ids[: len(seqs[i])] != seqs[i]:
+                stats["retokenization_mismatch"] += 1
+                del open_turns[i]
                 continue
-            rows["input_ids"].append(ids + resp)
-            rows["loss_mask"].append([int(cfg.data.train_on_prompt)] * len(ids) + [1] * len(resp))
-            rows["prompt_length"].append(len(ids))
-            rows["prompt_index"].append(index)
-        new = sum(len(r) for r in responses)
-        bar.update(len(chunk))
-        bar.set_postfix(tok_s=f"{new / max(time.time() - t0, 1e-9):.0f}", refresh=False)
-    return rows, empty
+            contexts[i] = ids
+        order = sorted(contexts, key=lambda i: len(contexts[i]))  # similar lengths together: less padding
+        for start in range(0, len(order), d.batch_size):
+            chunk = order[start : start + d.batch_size]
+            t0 = time.time()
+            responses = generate_batch(model, tokenizer, [contexts[i] for i in chunk], cfg, pad_id)
+            for i, resp in zip(chunk, responses):
+                ctx = contexts[i]
+                if not resp:
+                    stats["empty_response"] += 1
+                    del open_turns[i]
+                    continue
+                masks[i] += [int(d.train_on_prompt)] * (len(ctx) - len(seqs[i])) + [1] * len(resp)
+                seqs[i] = ctx + resp
+                prompt_length.setdefault(i, len(ctx))
+                replies[i].append(tokenizer.decode(resp, skip_special_tokens=True))  # no strip: the template decides
+                stats["turns"] += 1
+                if len(replies[i]) == len(open_turns[i].users):
+                    del open_turns[i]
+            new = sum(len(r) for r in responses)
+            if turn == 0:
+                bar.update(len(chunk))
+            bar.set_postfix(turn=turn + 1, tok_s=f"{new / max(time.time() - t0, 1e-9):.0f}", refresh=False)
+        turn += 1
+    rows = {"input_ids": [], "loss_mask": [], "prompt_length": [], "prompt_index": [], "turns": [], "source": []}
+    for i, convo in items:
+        if i not in prompt_length:
+            continue
+        rows["input_ids"].append(seqs[i])
+        rows["loss_mask"].append(masks[i])
+        rows["prompt_length"].append(prompt_length[i])
+        rows["prompt_index"].append(i)
+        rows["turns"].append(len(replies[i]))
+        rows["source"].append(convo.source)
+    return rows, stats
 
 
 def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
@@ -138,43 +211,78 @@ def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     import datasets
 
     start = time.time()
-    prompts = get_prompts(cfg)  # before loading the model: a bad source fails fast
+    d = cfg.data
+    dtype = resolve_generation_dtype(cfg.data.generation_dtype, cfg.model.dtype)
     model, tokenizer = load_base_model(
-        cfg.model.name_or_path, cfg.model.dtype, D.device() if cfg.model.device is None else cfg.model.device
+        cfg.model.name_or_path, dtype, D.device() if cfg.model.device is None else cfg.model.device
     )
     context = getattr(model.config, "max_position_embeddings", None) or 10**9
-    ids, skipped = tokenize_prompts(cfg, tokenizer, prompts, context)
-    pad_id = special_tokens.pad_token_id(model, tokenizer)  # left padding is masked out: any id gives the same text
+    limit = min(d.max_prompt_tokens, context - d.max_new_tokens)
+    if limit < 1:
+        raise DataError(
+            f"data.max_new_tokens={d.max_new_tokens} leaves no room for a prompt in the model's context of {context} "
+            "tokens; lower data.max_new_tokens"
+        )
+
+    def fits(text: str) -> bool:
+        return len(render_prompt(tokenizer, text, d.use_chat_template, d.system_prompt)) <= limit
 
     parts = partial_dir(cfg, run_dir)
     parts.mkdir(parents=True, exist_ok=True)
-    size = cfg.data.shard_size
-    num_shards = (len(ids) + size - 1) // size
+    sources_file = parts / "sources.json"  # self-generated prompts are sampled once, then reused on a resume
+    if sources_file.is_file():
+        saved = json.loads(sources_file.read_text())
+        convos = [Conversation(c["users"], c["source"]) for c in saved["conversations"]]
+        report = saved["report"]
+    else:
+        convos, report = load_sources(cfg, model, tokenizer, fits)
+        if D.is_main():
+            payload = {"conversations": [vars(c) for c in convos], "report": report}
+            (parts / ".sources.tmp").write_text(json.dumps(payload))
+            (parts / ".sources.tmp").rename(sources_file)
+    skipped = {"too_long": 0, "empty": 0}
+    items = []
+    for i, convo in enumerate(convos):
+        if convo.source != "none" and not convo.users[0].strip():
+            skipped["empty"] += 1
+        elif convo.source != "none" and not fits(convo.users[0]):
+            skipped["too_long"] += 1
+        else:
+            items.append((i, convo))
+    if not items:
+        raise DataError(
+            f"data stage: all {len(convos)} prompts were skipped ({skipped['too_long']} longer than {limit} tokens, "
+            f"{skipped['empty']} empty); raise data.max_prompt_tokens or use shorter prompts"
+        )
+    pad_id = special_tokens.pad_token_id(model, tokenizer)  # left padding is masked out: any id gives the same text
+
+    # Shards cut the source order (skipped prompts keep their place), so a shard is the same on every rerun.
+    size = d.shard_size
+    num_shards = (len(convos) + size - 1) // size
+    shard_items = [[(i, c) for i, c in items if s * size <= i < (s + 1) * size] for s in range(num_shards)]
     mine = [s for s in range(num_shards) if s % D.world_size() == D.rank()]
     todo = [s for s in mine if not (parts / f"shard-{s:05d}" / "state.json").is_file()]
-    total = sum(1 for s in todo for i in range(s * size, min((s + 1) * size, len(ids))) if ids[i] is not None)
-    done_before = len(mine) - len(todo)
+    total = sum(len(shard_items[s]) for s in todo)
     bar = tqdm(total=total, unit="seq", desc="data: generating", disable=not D.is_main() or not cfg.logging.progress)
-    if D.is_main() and done_before:
-        bar.write(f"[data] resuming: {done_before} of {len(mine)} shards already generated in {parts}")
-    tokens, gen_time, empty = 0, 0.0, 0
+    if D.is_main() and len(mine) > len(todo):
+        bar.write(f"[data] resuming: {len(mine) - len(todo)} of {len(mine)} shards already generated in {parts}")
+    tokens, gen_time = 0, 0.0
     for s in todo:
-        items = [(i, ids[i]) for i in range(s * size, min((s + 1) * size, len(ids))) if ids[i] is not None]
-        torch.manual_seed(cfg.data.seed * 100_003 + s)  # per-shard seed: same data for any world size / resume
+        torch.manual_seed(d.seed * 100_003 + s)  # per-shard seed: same data for any world size / resume
         t0 = time.time()
-        rows, e = _shard_rows(cfg, model, tokenizer, items, pad_id, bar)
+        rows, stats = _shard_rows(cfg, model, tokenizer, shard_items[s], pad_id, bar)
         gen_time += time.time() - t0
-        empty += e
-        tokens += sum(len(r) - p for r, p in zip(rows["input_ids"], rows["prompt_length"]))
+        tokens += sum(sum(m) for m in rows["loss_mask"]) if not d.train_on_prompt else sum(map(len, rows["input_ids"]))
         tmp = parts / f".shard-{s:05d}.tmp-{D.rank()}"
         datasets.Dataset.from_dict(rows).save_to_disk(str(tmp))
-        (tmp / "skipped_empty.json").write_text(json.dumps({"empty": e}))
+        (tmp / "stats.json").write_text(json.dumps(stats))
         shutil.rmtree(parts / f"shard-{s:05d}", ignore_errors=True)
         tmp.rename(parts / f"shard-{s:05d}")  # atomic: a shard is either whole or absent
     bar.close()
     D.barrier()
     if D.is_main():
-        _merge(cfg, parts, num_shards, out_dir, skipped, len(prompts), tokens, gen_time, start)
+        extra = {"sources": report, "generation_dtype": dtype}
+        _merge(cfg, parts, num_shards, out_dir, skipped, len(convos), tokens, gen_time, start, extra)
         shutil.rmtree(parts, ignore_errors=True)
     D.barrier()
 
@@ -189,13 +297,15 @@ def _merge(
     tokens: int,
     gen_time: float,
     start: float,
+    extra: dict,
 ):
     import datasets
 
     shards = [datasets.load_from_disk(str(parts / f"shard-{s:05d}")) for s in range(num_shards)]
-    empty = sum(
-        json.loads((parts / f"shard-{s:05d}" / "skipped_empty.json").read_text())["empty"] for s in range(num_shards)
-    )
+    stats = Counter()
+    for s in range(num_shards):
+        stats.update(json.loads((parts / f"shard-{s:05d}" / "stats.json").read_text()))
+    empty = stats["empty_response"]
     ds = datasets.concatenate_datasets([s for s in shards if len(s)]) if any(len(s) for s in shards) else None
     if ds is None or len(ds) == 0:
         raise DataError(
@@ -223,6 +333,10 @@ def _merge(
         "generated_tokens_this_run_rank0": tokens,
         "generation_tokens_per_s_rank0": tokens / gen_time if gen_time else None,
         "wall_time_s": time.time() - start,
+        "turns_regenerated": stats["turns"],
+        "retokenization_mismatches": stats["retokenization_mismatch"],
+        "sequences_per_source": dict(Counter(ds["source"])),
+        **extra,
     }
     (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     sk = summary["skipped"]

@@ -1,0 +1,159 @@
+"""Data diversity: self-generated prompts (seeded, deduplicated, filtered with counted reasons), mixed sources by
+weight, multi-turn conversations whose every assistant turn is the base's own output, and the held-out eval set."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+import torch
+from tiny import BYTE_VOCAB, EOS, byte_tokenizer, tiny_base, tiny_model_dir
+from train_helpers import base_config
+
+from medusa_toolkit.config import config_from_dict
+from medusa_toolkit.prompts import EVAL_DOMAINS, eval_prompts, interleave_domains
+from medusa_toolkit.stages import run_pipeline
+from medusa_toolkit.train import data as data_mod
+from medusa_toolkit.train.magpie import MagpieError, pre_query_ids, self_prompts
+
+CHAT_WITH_EOS = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}</s>{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def ascii_talker(seed: int = 0, eos_bias: float = 2.0):
+    """A tiny base that writes lower-case words and ends its turn (EOS) now and then, with its byte tokenizer: a chat
+    model small enough for a test, whose text round-trips through the tokenizer exactly."""
+    tok = byte_tokenizer()
+    tok.chat_template = CHAT_WITH_EOS
+    base = tiny_base("llama", seed, vocab=BYTE_VOCAB, eos=EOS)
+    allowed = tok.convert_tokens_to_ids(list("abcdefghij") + ["Ġ"]) + [EOS]  # Ġ: the byte-level space
+    head = torch.nn.Linear(64, BYTE_VOCAB, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(base.lm_head.weight * 4)
+        head.bias.fill_(-1e4)
+        head.bias[allowed] = 0.0
+        head.bias[EOS] = eos_bias
+    base.lm_head = head
+    return base, tok
+
+
+def test_self_prompts_are_seeded_deduplicated_and_every_drop_is_counted():
+    base, tok = ascii_talker(eos_bias=-1.0)
+    kw = {"system_prompt": None, "temperature": 1.0, "top_p": 1.0, "max_tokens": 48, "batch_size": 8,
+          "fits": lambda text: len(text) <= 60}  # fmt: skip
+    a, counts = self_prompts(base, tok, 6, seed=1, **kw)
+    b, again = self_prompts(base, tok, 6, seed=1, **kw)
+    c, _ = self_prompts(base, tok, 6, seed=2, **kw)
+    assert a == b and counts == again and a != c  # deterministic for a seed, different for another
+    assert counts["sampled"] == counts["kept"] + sum(v for k, v in counts.items() if k not in ("sampled", "kept"))
+    assert len(a) == counts["kept"] <= 6 and len(set(a)) == len(a)
+    assert a and all(len(p.split()) >= 3 and len(p) <= 60 for p in a)
+    assert counts["too_short"] + counts["too_long"] + counts["unfinished"] > 0  # the filters really ran
+
+
+def test_self_prompt_filters_on_scripted_outputs():
+    """Exact and near duplicates, empty, short and unfinished outputs are each dropped and counted."""
+    tok = byte_tokenizer()
+    prefix = pre_query_ids(tok, None)
+    texts = ["plan a trip to the sea", "Plan a  trip to the SEA!", "plan a trip to the sea please", "hi", "",
+             "write a python function that sorts", None]  # fmt: skip
+
+    class Scripted(torch.nn.Module):
+        generation_config = type("G", (), {"eos_token_id": EOS, "pad_token_id": None})()
+
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, **kw):
+            rows = []
+            for t in texts:
+                ids = tok(t, add_special_tokens=False)["input_ids"] + [EOS] if t is not None else [97] * 41
+                rows.append(prefix + ids + [EOS] * (41 - len(ids)))  # the last row never ends its turn
+            return torch.tensor(rows)
+
+    kept, counts = self_prompts(Scripted(), tok, 10, system_prompt=None, temperature=1.0, top_p=1.0, max_tokens=40,
+                                batch_size=len(texts), seed=0, fits=lambda t: True)  # fmt: skip
+    assert kept == ["plan a trip to the sea", "write a python function that sorts"]
+    # 6 rounds of the same 7 outputs (10 prompts asked, at most 4x that sampled): after round 1 every keeper repeats.
+    assert counts["sampled"] == 42 and counts["kept"] == 2
+    assert (counts["duplicate"], counts["near_duplicate"], counts["too_short"], counts["empty"], counts["unfinished"]) \
+        == (1 + 5 * 3, 6, 6, 6, 6)  # fmt: skip
+
+
+def test_self_prompts_need_a_chat_template():
+    with pytest.raises(MagpieError, match="chat template.*chitchat, file, hf, conversations"):
+        pre_query_ids(byte_tokenizer(chat_template=False), None)
+
+
+def test_mixed_sources_honour_their_weights(tmp_path):
+    assert data_mod.source_counts([3.0, 1.0], 8) == [6, 2]
+    assert data_mod.source_counts([1.0, 1.0, 1.0], 10) == [4, 3, 3] and sum(data_mod.source_counts([0.3, 0.7], 7)) == 7
+    model_dir = tiny_model_dir(tmp_path / "model")
+    prompts = tmp_path / "mine.txt"
+    prompts.write_text("".join(f"my prompt {i}\n" for i in range(20)))
+    raw = base_config(model_dir)
+    raw["data"].update(sources=[{"source": "builtin", "weight": 1}, {"source": "file", "path": str(prompts), "weight": 3}],
+                       num_prompts=8, max_prompt_tokens=128, max_new_tokens=8)  # fmt: skip
+    run_pipeline(config_from_dict(raw), tmp_path / "run", ["data"])
+    summary = json.loads((tmp_path / "run" / "data" / "data_summary.json").read_text())
+    taken = {s["source"]: (s["requested"], s["taken"]) for s in summary["sources"]}
+    assert taken == {"builtin": (2, 2), "file": (6, 6)}
+    assert summary["sequences_per_source"] == {"builtin": 2, "file": 6}
+
+
+def test_multi_turn_conversations_are_regenerated_turn_by_turn(tmp_path, monkeypatch):
+    base, tok = ascii_talker(seed=3, eos_bias=-1.0)
+    model_dir = tmp_path / "model"
+    base.save_pretrained(model_dir)  # for the config checks; the stage gets the in-memory model (its lm_head bias
+    tok.save_pretrained(model_dir)  # keeps the text ASCII, and a Llama checkpoint has no slot for it)
+    monkeypatch.setattr(data_mod, "load_base_model", lambda *a, **k: (base, tok))
+    convs = tmp_path / "sharegpt.jsonl"
+    records = [
+        {"conversations": [{"from": "human", "value": "abc def"}, {"from": "gpt", "value": "IGNORED"},
+                           {"from": "human", "value": "ghi jab"}, {"from": "gpt", "value": "IGNORED"}]},
+        {"messages": [{"role": "user", "content": "bad cafe"}, {"role": "assistant", "content": "IGNORED"}]},
+    ]  # fmt: skip
+    convs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    raw = base_config(model_dir)
+    raw["data"].update(sources=[{"source": "conversations", "path": str(convs), "field": "conversations"}],
+                       num_prompts=2, max_new_tokens=12, eval_fraction=0.0)  # fmt: skip
+    cfg = config_from_dict(raw)
+    run_pipeline(cfg, tmp_path / "run", ["data"])
+    ds = datasets.load_from_disk(str(tmp_path / "run" / "data"))
+    rows = {r["prompt_index"]: r for r in ds}
+    assert rows[0]["turns"] == 2 and rows[1]["turns"] == 1
+    model = base  # the reference: generate() per turn on the context the stage built
+    for index, users in ((0, ["abc def", "ghi jab"]), (1, ["bad cafe"])):
+        row, replies, pos = rows[index], [], 0
+        for turn in range(len(users)):
+            convo = data_mod.Conversation(users, "conversations")
+            context = data_mod.render_turns(tok, cfg, convo, replies)
+            assert row["input_ids"][: len(context)] == context  # the structure: template, user turns, own replies
+            with torch.no_grad():
+                ref = model.generate(torch.tensor([context]), do_sample=False, max_new_tokens=12, eos_token_id=EOS,
+                                     pad_token_id=0)[0, len(context) :].tolist()  # fmt: skip
+            ref = ref[: ref.index(EOS) + 1] if EOS in ref else ref
+            reply = row["input_ids"][len(context) : len(context) + len(ref)]
+            assert reply == ref, f"conversation {index} turn {turn}: not the base's own greedy reply"
+            assert all(row["loss_mask"][len(context) : len(context) + len(ref)])  # every reply is trained on
+            assert not any(row["loss_mask"][pos : len(context)])  # template and user turns are not
+            assert "IGNORED" not in tok.decode(row["input_ids"])
+            replies.append(tok.decode(ref, skip_special_tokens=True))
+            pos = len(context) + len(ref)
+        assert len(row["input_ids"]) == pos
+    summary = json.loads((tmp_path / "run" / "data" / "data_summary.json").read_text())
+    assert summary["turns_regenerated"] == 3 and summary["retokenization_mismatches"] == 0
+
+
+def test_eval_set_covers_four_domains_never_used_for_training():
+    pairs = eval_prompts()
+    assert {d for d, _ in pairs} == set(EVAL_DOMAINS)
+    assert all(sum(d == domain for d, _ in pairs) >= 30 for domain in EVAL_DOMAINS)
+    first = interleave_domains(pairs)[:8]
+    assert [d for d, _ in first] == list(EVAL_DOMAINS) * 2
+    with pytest.raises(Exception, match="eval"):
+        config_from_dict({"data": {"sources": [{"source": "eval"}]}})  # held out: never a training source
