@@ -43,6 +43,14 @@ def pipeline_summary(run_dir: str | Path) -> str:
                 f"{_num(base.get('tokens_per_second'), '.1f')} tokens/s = {_num(tuned.get('speedup_vs_base'))}x, "
                 f"measured accepted length {_num(tuned.get('mean_accept_length'))}"
             )
+        for domain, per in ((tree.get("validation") or {}).get("by_domain") or {}).items():
+            t = per.get("tuned") or {}
+            lines.append(
+                f"  {domain:<12} accepted length {_num(t.get('mean_accept_length'))}, "
+                f"{_num(t.get('speedup_vs_base'))}x base greedy"
+            )
+        if tree.get("fallback"):
+            lines.append(f"tree     {tree['fallback']}")
     report = _read(run_dir / "verify" / "report.json")
     if report:
         s, verdict = report.get("summary", {}), report.get("verdict", {})

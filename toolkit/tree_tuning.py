@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,54 +104,61 @@ def validate(
     max_new_tokens: int,
     attn: str | None = None,
     progress: bool = True,
+    domains: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Decode the same prompts with base greedy and each tree; measured accepted length, tokens/s, exactness.
 
     tokens_per_second is end to end (prefill included); decode_tokens_per_second leaves the prefill (and the token
-    it yields) out, which is what the latency-based prediction describes.
+    it yields) out, which is what the latency-based prediction describes. With `domains` (one per prompt) the result
+    also holds `by_domain`: {domain: {decoder: the same summary}} (callers pop it).
     """
     if not prompts:
         raise TuneError("no validation prompts")
     eos = set(special_tokens.eos_ids(model))
-    results: dict[str, dict[str, Any]] = {}
+    domains = domains or ["all"] * len(prompts)
+    runs: dict[str, list[dict]] = {"base_greedy": []}  # decoder -> one record per prompt
     greedy: list[list[int]] = []
-    totals = {"new": 0, "wall": 0.0, "prefill": 0.0}
     for ids in tqdm(prompts, desc="validate base", unit="prompt", disable=not progress):
         new, wall, pre = base_greedy(model, ids, max_new_tokens, eos)
         greedy.append(new)
-        totals["new"] += len(new)
-        totals["wall"] += wall
-        totals["prefill"] += pre
-    results["base_greedy"] = _summary(totals, steps=totals["new"] - len(prompts), nodes=1, exact=True)
+        runs["base_greedy"].append({"new": len(new), "wall": wall, "prefill": pre, "steps": len(new) - 1,
+                                    "accepted": len(new) - 1, "exact": True})  # fmt: skip
     for name, tree in trees.items():
-        totals = {"new": 0, "wall": 0.0, "prefill": 0.0}
-        steps, accepted, exact = 0, 0, True
+        runs[name] = []
         for ids, ref in tqdm(list(zip(prompts, greedy)), desc=f"validate {name}", unit="prompt", disable=not progress):
             out = medusa_generate(model, torch.as_tensor(ids)[None], max_new_tokens, tree=tree, eos_token_id=list(eos) or None,
                                   attn_implementation=attn)  # fmt: skip
-            exact &= out.sequences[0, len(ids) :].tolist() == ref
-            totals["new"] += out.new_tokens
-            totals["wall"] += out.wall_time
-            totals["prefill"] += out.prefill_time
-            steps += out.steps
-            accepted += sum(out.accept_lengths)
-        results[name] = _summary(totals, steps, tree.num_nodes, exact, accepted / max(1, steps))
-    base_tps = results["base_greedy"]["tokens_per_second"]
-    for r in results.values():
-        r["speedup_vs_base"] = r["tokens_per_second"] / base_tps if base_tps else None
+            runs[name].append({"new": out.new_tokens, "wall": out.wall_time, "prefill": out.prefill_time,
+                               "steps": out.steps, "accepted": sum(out.accept_lengths),
+                               "exact": out.sequences[0, len(ids) :].tolist() == ref})  # fmt: skip
+    nodes = {"base_greedy": 1, **{name: tree.num_nodes for name, tree in trees.items()}}
+
+    def summarise(keep: list[bool]) -> dict[str, dict[str, Any]]:
+        results = {name: _summary([r for r, k in zip(rs, keep) if k], nodes[name]) for name, rs in runs.items()}
+        base_tps = results["base_greedy"]["tokens_per_second"]
+        for r in results.values():
+            r["speedup_vs_base"] = r["tokens_per_second"] / base_tps if base_tps else None
+        return results
+
+    results = summarise([True] * len(prompts))
+    if len(set(domains)) > 1:
+        results["by_domain"] = {d: summarise([x == d for x in domains]) for d in sorted(set(domains))}
     return results
 
 
-def _summary(t: dict, steps: int, nodes: int, exact: bool, accept: float = 1.0) -> dict[str, Any]:
-    decode_time = t["wall"] - t["prefill"]
+def _summary(records: list[dict], nodes: int) -> dict[str, Any]:
+    new, wall, prefill = (sum(r[k] for r in records) for k in ("new", "wall", "prefill"))
+    steps, accepted = sum(r["steps"] for r in records), sum(r["accepted"] for r in records)
+    accept = accepted / steps if steps else 1.0
+    decode_time = wall - prefill
     return {
         "nodes": nodes,
         "mean_accept_length": accept,
-        "new_tokens": t["new"],
+        "new_tokens": new,
         "steps": steps,
-        "tokens_per_second": t["new"] / t["wall"] if t["wall"] > 0 else None,
-        "decode_tokens_per_second": steps * accept / decode_time if decode_time > 0 and steps else None,
-        "identical_to_greedy": exact,
+        "tokens_per_second": new / wall if wall > 0 else None,
+        "decode_tokens_per_second": accepted / decode_time if decode_time > 0 and steps else None,
+        "identical_to_greedy": all(r["exact"] for r in records),
     }
 
 
@@ -179,6 +187,7 @@ def tune_tree(
     *,
     attn: str | None = None,
     validation_prompts: list[list[int]] | None = None,
+    validation_domains: list[str] | None = None,
     calibration_source: str = "",
     progress: bool = True,
     log=print,
@@ -251,8 +260,19 @@ def tune_tree(
     measured_points = None
     if validation_prompts:
         trees, notes = comparison_trees(tree, model.num_heads)
-        val = validate(model, trees, validation_prompts, max_new_tokens, attn, progress)
+        val = validate(model, trees, validation_prompts, max_new_tokens, attn, progress, validation_domains)
+        by_domain = val.pop("by_domain", None)
         tuned = val["tuned"]
+        if tuned["speedup_vs_base"] is not None and tuned["speedup_vs_base"] < 1.0 and tree.num_nodes > 1:
+            # Never ship a tree that makes decoding slower than not using Medusa on the tuner's own validation.
+            fallback = (
+                f"no tree paid on validation: the tuned {tree.num_nodes}-node tree ran at "
+                f"{tuned['speedup_vs_base']:.2f}x base greedy, so the 1-node tree (no speculation) was chosen"
+            )
+            notes.append(fallback)
+            log(f"tree: {fallback}")
+            tree = MedusaTree.from_paths([], name="root-only (no tree paid)")
+            record.update(name=tree.name, paths=[], top_k=tree.top_k, num_nodes=1, fallback=fallback)
         record["validation"] = {
             "num_prompts": len(validation_prompts),
             "max_new_tokens": max_new_tokens,
@@ -261,6 +281,7 @@ def tune_tree(
             "predicted_decode_tokens_per_second": result.predicted_tokens_per_second,
             "measured_decode_tokens_per_second": tuned["decode_tokens_per_second"],
             "results": val,
+            "by_domain": by_domain,
             "notes": notes,
         }
         measured_points = {
@@ -297,7 +318,14 @@ def format_validation(v: dict[str, Any]) -> str:
             f"  decode tokens/s: predicted {v['predicted_decode_tokens_per_second']:.1f}, "
             f"measured {v['measured_decode_tokens_per_second']:.1f}"
         )
-    return "\n".join(lines + [format_results(v["results"], v["notes"])])
+    lines.append(format_results(v["results"], v["notes"]))
+    for domain, results in (v.get("by_domain") or {}).items():
+        tuned, base = results["tuned"], results["base_greedy"]
+        lines.append(
+            f"  {domain:<14} tuned accept {tuned['mean_accept_length']:.2f}, {tuned['tokens_per_second'] or 0:.1f} vs "
+            f"base {base['tokens_per_second'] or 0:.1f} tok/s = {tuned['speedup_vs_base'] or 0:.2f}x"
+        )
+    return "\n".join(lines)
 
 
 def format_results(results: dict[str, dict[str, Any]], notes: list[str] = ()) -> str:
@@ -390,21 +418,37 @@ def prompt_token_ids(
     return [render_prompt(tokenizer, p, use_chat_template, system_prompt)[-max_tokens:] for p in prompts]
 
 
+@dataclass
+class TuningInputs:
+    """What tuning measures on: the calibration, the validation prompts (token ids) with their domains, a description."""
+
+    calibration: Calibration
+    validation: list[list[int]]
+    domains: list[str] | None
+    source: str
+
+
 def calibration_inputs(
     cfg: ToolkitConfig, model: MedusaModel, data_dir: Path | None = None, allow_train: bool = False
-) -> tuple[Calibration, list[list[int]], str]:
-    """Calibrate, and return the validation prompts and where both came from.
+) -> TuningInputs:
+    """Calibrate, and pick the validation prompts.
 
-    From the data stage's held-out rows when `data_dir` has them (one forward each: the rows are the base's own
-    greedy text), else from `tree.prompts` (greedy decoding). Validation prompts come after the calibration ones, so
-    the check sees new prompts from the same distribution.
+    Calibration: the data stage's held-out rows when `data_dir` has them (one forward each: the rows are the base's
+    own greedy text), else `tree.prompts` (greedy decoding). Validation: `tree.validation_prompts`: `eval` (default:
+    the repo's multi-domain set from sources never used for training, interleaved across chat, instructions, code and
+    math, so the choice is checked on traffic unlike the training prompts), `calibration` (further prompts from the
+    calibration source), builtin, chitchat or a file.
     """
-    from medusa_toolkit.prompts import load_prompts
+    from medusa_toolkit.prompts import eval_prompts, interleave_domains, load_prompts
 
-    tc = cfg.tree
+    tc, d = cfg.tree, cfg.data
     depth = resolve_depth(tc.max_depth, model.num_heads)
     rows = load_eval_rows(data_dir, allow_train) if data_dir is not None and Path(data_dir).is_dir() else None
     n_cal, n_val = tc.num_calibration_prompts, tc.num_validation_prompts
+
+    def render(texts: list[str]) -> list[list[int]]:
+        return prompt_token_ids(model.tokenizer, texts, d.use_chat_template, d.system_prompt, d.max_prompt_tokens)
+
     if rows is not None:
         seqs, masks, where = rows
         if "no held-out split" in where:
@@ -413,18 +457,28 @@ def calibration_inputs(
         starts = [min(response_start(m), len(s)) for s, m in zip(seqs, masks)]
         calib = calibrate_sequences(model, seqs[:n_cal], starts[:n_cal], depth, tc.top_k, cfg.logging.progress)
         rest = list(zip(seqs, starts))[n_cal:] or list(zip(seqs, starts))
-        val = [s[:st] for s, st in rest if st > 0][:n_val]
-        return calib, val, f"data rows {where} ({min(n_cal, len(seqs))} rows)"
-    if tc.prompts in ("chitchat", "builtin"):
-        texts = load_prompts(tc.prompts, split="heldout", num=n_cal + n_val)
+        same_source = [s[:st] for s, st in rest if st > 0][:n_val]
+        source = f"data rows {where} ({min(n_cal, len(seqs))} rows)"
     else:
-        texts = load_prompts("file", path=tc.prompts, field=tc.prompt_field, num=n_cal + n_val)
-    d = cfg.data
-    prompts = prompt_token_ids(model.tokenizer, texts, d.use_chat_template, d.system_prompt, d.max_prompt_tokens)
-    calib = calibrate_prompts(model, prompts[:n_cal], tc.calibration_max_new_tokens, depth, tc.top_k,
-                              progress=cfg.logging.progress)  # fmt: skip
-    rest = prompts[n_cal:] or prompts
-    return calib, rest[:n_val], f"{tc.prompts} prompts ({min(n_cal, len(prompts))}, greedy)"
+        if tc.prompts in ("chitchat", "builtin", "eval"):
+            texts = load_prompts(tc.prompts, split="heldout", num=n_cal + n_val)
+        else:
+            texts = load_prompts("file", path=tc.prompts, field=tc.prompt_field, num=n_cal + n_val)
+        prompts = render(texts)
+        calib = calibrate_prompts(model, prompts[:n_cal], tc.calibration_max_new_tokens, depth, tc.top_k,
+                                  progress=cfg.logging.progress)  # fmt: skip
+        same_source = (prompts[n_cal:] or prompts)[:n_val]
+        source = f"{tc.prompts} prompts ({min(n_cal, len(prompts))}, greedy)"
+    if tc.validation_prompts == "calibration":
+        return TuningInputs(calib, same_source, None, source)
+    if tc.validation_prompts == "eval":
+        pairs = interleave_domains(eval_prompts())[:n_val]
+        return TuningInputs(calib, render([p for _, p in pairs]), [dom for dom, _ in pairs], source)
+    if tc.validation_prompts in ("chitchat", "builtin"):
+        texts = load_prompts(tc.validation_prompts, split="heldout", num=n_val)
+    else:
+        texts = load_prompts("file", path=tc.validation_prompts, field=tc.prompt_field, num=n_val)
+    return TuningInputs(calib, render(texts), None, source)
 
 
 def resolve_depth(max_depth: int | None, num_heads: int) -> int:
@@ -454,10 +508,11 @@ def tune_from_config(
     m = cfg.model
     base, tokenizer = load_base_model(m.name_or_path, m.dtype, m.device, m.attn_implementation)
     model = MedusaModel(base, loaded, tokenizer)
-    calib, val_prompts, desc = calibration_inputs(cfg, model, data_dir, allow_train)
+    inputs = calibration_inputs(cfg, model, data_dir, allow_train)
     tune_tree(
-        model, calib, tc, out_file, attn=m.attn_implementation, calibration_source=desc,
-        validation_prompts=val_prompts if tc.num_validation_prompts else None, progress=cfg.logging.progress,
+        model, inputs.calibration, tc, out_file, attn=m.attn_implementation, calibration_source=inputs.source,
+        validation_prompts=inputs.validation if tc.num_validation_prompts else None,
+        validation_domains=inputs.domains, progress=cfg.logging.progress,
     )  # fmt: skip
 
 

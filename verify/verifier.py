@@ -357,7 +357,7 @@ def write_outputs(report: VerifyReport, report_path: str | Path | None, junit_pa
 # ----------------------------------------------------------------------------------------------------------------------
 # What medusa-verify and the pipeline's verify stage share
 
-DEFAULT_NUM_PROMPTS = 8  # prompts checked from a named set (chitchat, builtin) when verify.num_prompts is null
+DEFAULT_NUM_PROMPTS = 8  # prompts checked from a named set (builtin, eval, chitchat) when verify.num_prompts is null
 
 
 def select_prompts(v: Any) -> tuple[list[str], int]:
@@ -365,7 +365,7 @@ def select_prompts(v: Any) -> tuple[list[str], int]:
     otherwise (a CI gate given a file checks all of it), DEFAULT_NUM_PROMPTS of a named set."""
     from medusa_toolkit.prompts import load_prompts
 
-    if v.prompts in ("chitchat", "builtin"):
+    if v.prompts in ("chitchat", "builtin", "eval"):
         available = load_prompts(v.prompts, split="heldout")
         num = v.num_prompts or DEFAULT_NUM_PROMPTS
     else:
