@@ -92,8 +92,8 @@ class PromptSource(Section):
 class DataConfig(Section):
     # Where prompts come from: one or more sources mixed by weight (see PromptSource).
     sources: Annotated[list[PromptSource], Field(min_length=1)] = Field(default_factory=lambda: [PromptSource()])
-    # dtype the base generates the responses in; auto: bfloat16 where the CPU has bf16 matrix units (avx512_bf16 /
-    # amx_bf16) or on a GPU that supports it, else model.dtype; null: model.dtype.
+    # dtype the base generates the responses in; auto: bfloat16 where the CPU has AMX bf16 tiles (amx_bf16) or the GPU
+    # supports it, else model.dtype; null: model.dtype. Verification always runs in verify.dtype.
     generation_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     num_prompts: PositiveInt = 256
     use_chat_template: StrictBool = True

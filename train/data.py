@@ -80,11 +80,14 @@ def load_sources(cfg: ToolkitConfig, model, tokenizer, fits) -> tuple[list[Conve
             if src.source == "self":
                 from medusa_toolkit.train.magpie import self_prompts
 
+                bar = tqdm(total=count, unit="prompt", desc="data: self-written prompts",
+                           disable=not D.is_main() or not cfg.logging.progress)  # fmt: skip
                 texts, entry["self_prompts"] = self_prompts(
                     model, tokenizer, count, system_prompt=d.system_prompt, temperature=src.temperature,
                     top_p=src.top_p, max_tokens=src.max_tokens, batch_size=max(d.batch_size, 16), seed=d.seed,
-                    fits=fits,
+                    fits=fits, progress=lambda kept, bar=bar: bar.update(kept - bar.n),
                 )  # fmt: skip
+                bar.close()
                 turns = [[t] for t in texts]
             elif src.source == "conversations":
                 turns = load_conversations(src.path, src.field, src.split)
