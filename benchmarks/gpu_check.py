@@ -361,8 +361,8 @@ def section_compile(run: Run, deadline: float, device, jobs: int, sizes: Sizes) 
     from medusa_toolkit.kernels.flash_decode import SplitKernelConfig
 
     configs = [c for c in dispatcher_variants() if isinstance(c, SplitKernelConfig)][: sizes.compile_limit]
-    if device.type != "cuda" or jobs <= 1:
-        problems = compile_variants(configs, device.type)  # the interpreter: nothing to compile, the calls still run
+    if jobs <= 1:
+        problems = compile_variants(configs, str(device))
         return {
             "variants": len(configs),
             "workers": 1,
@@ -372,7 +372,9 @@ def section_compile(run: Run, deadline: float, device, jobs: int, sizes: Sizes) 
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    # spawn: workers start clean (this process has touched CUDA); they share Triton's on-disk cache with it.
+    # spawn: workers start clean (this process has touched CUDA); they share Triton's on-disk cache with it. In the
+    # dry run they only run the interpreter (nothing to compile), which still exercises this path.
+    jobs = min(jobs, len(configs))
     chunks = [configs[i::jobs] for i in range(jobs)]
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_path) as pool:
         results = list(
