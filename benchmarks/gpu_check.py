@@ -177,7 +177,7 @@ class Sizes:
     trees: tuple
     train_steps: int
     train_batch: tuple  # (sequences, length)
-    tile_sweep: bool
+    tile_sweep: tuple  # (keys per tile, pipeline stages) tried around the dispatcher's tile
     compile_limit: int | None  # variants run by the compile section (None: all)
 
 
@@ -199,7 +199,7 @@ FULL = Sizes(
     trees=("chain-1", "chain-4", "mc_sim-16", "mc_sim_7b_63"),
     train_steps=20,
     train_batch=(8, 256),
-    tile_sweep=True,
+    tile_sweep=tuple((n, st) for n in (16, 32, 64, 128) for st in (2, 3, 4)),
     compile_limit=None,
 )
 DRY = Sizes(
@@ -229,7 +229,7 @@ DRY = Sizes(
     trees=("chain-2",),
     train_steps=3,
     train_batch=(2, 16),
-    tile_sweep=False,
+    tile_sweep=((32, 2), (64, 3)),
     compile_limit=4,
 )
 
@@ -460,11 +460,13 @@ def make_case_inputs(case: Case, device, seed: int):
     import torch
 
     g = torch.Generator(device="cpu").manual_seed(seed)
+    gd = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: 128k-key caches are big
     dt = dtypes()[case.dtype]
-    q = torch.randn(case.B, case.Hq, case.T, case.D, generator=g).to(device, dt)
     S_buf = case.S + (37 if case.kv_slice else 0)
-    k = torch.randn(case.B, case.Hkv, S_buf, case.D, generator=g).to(device, dt)
-    v = torch.randn(case.B, case.Hkv, S_buf, case.D, generator=g).to(device, dt)
+    q, k, v = (
+        torch.randn(case.B, h, n, case.D, generator=gd, device=device).to(dt)
+        for h, n in ((case.Hq, case.T), (case.Hkv, S_buf), (case.Hkv, S_buf))
+    )
     if case.kv_slice:
         k, v = k[:, :, : case.S], v[:, :, : case.S]
     tree = None
@@ -826,7 +828,7 @@ def section_tiles(run: Run, deadline: float, device, sizes: Sizes) -> dict:
         v = torch.randn_like(k)
         tree = pack_tree_mask(random_tree(T, torch.Generator().manual_seed(2)).to(device)) if T > 1 else None
         base = split_kernel_config(dt, D, Hq // Hkv * T, T if T > 1 else None)
-        for n, st in [(n, st) for n in (16, 32, 64, 128) for st in (2, 3, 4)]:
+        for n, st in sizes.tile_sweep:
             if time.perf_counter() > deadline:
                 break
             cfg = dataclasses.replace(base, block_n=n, num_stages=st)
@@ -1017,33 +1019,33 @@ def speed_e2e(run: Run, deadline: float, device, base, model, trees: dict, corpu
 
     N = sizes.speed_new_tokens
     rows = []
+    g = torch.Generator().manual_seed(9)
     prompts = {
         "corpus": corpus[0:1, :12],
-        "random": torch.randint(3, base.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(9)).to(
-            device
-        ),
+        "random": torch.randint(3, base.config.vocab_size, (1, 12), generator=g).to(device),
+        "batch": corpus[: min(8, corpus.shape[0]), :12],
     }
-    batch = corpus[: min(8, corpus.shape[0]), :12]
+
+    def greedy(ids, n):
+        return base.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+            pad_token_id=base.config.pad_token_id,
+        )  # fmt: skip
+
+    def medusa(ids, tree, n):
+        return medusa_generate(model, ids, n, tree=tree, eos_token_id=[], attn_implementation="medusa_flash_decoding")
 
     def timed(fn):
-        fn()  # warm-up (compiles, allocator)
+        fn(8)  # a short warm-up (allocator, library handles; the kernels are compiled already)
         sync(device)
         t = time.perf_counter()
-        out = fn()
+        out = fn(N)
         sync(device)
         return time.perf_counter() - t, out
 
     with torch.no_grad():
-        for label, ids in list(prompts.items()) + [("batch", batch)]:
-            gen = lambda ids=ids: base.generate(  # noqa: E731
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=N,
-                min_new_tokens=N,
-                pad_token_id=base.config.pad_token_id,
-            )
-            t_base, _ = timed(gen)
+        for label, ids in prompts.items():
+            t_base, _ = timed(functools.partial(greedy, ids))
             base_tps = ids.shape[0] * N / t_base
             rows.append(
                 {"prompt": label, "batch": ids.shape[0], "decoder": "base_greedy", "tokens_per_s": round(base_tps, 1)}
@@ -1051,21 +1053,15 @@ def speed_e2e(run: Run, deadline: float, device, base, model, trees: dict, corpu
             for name, tree in trees.items():
                 if time.perf_counter() > deadline:
                     break
-                fn = lambda ids=ids, tree=tree: medusa_generate(  # noqa: E731
-                    model, ids, N, tree=tree, eos_token_id=[], attn_implementation="medusa_flash_decoding"
-                )
-                t, out = timed(fn)
+                t, out = timed(functools.partial(medusa, ids, tree))
                 tps = ids.shape[0] * N / t
                 rows.append({
                     "prompt": label, "batch": ids.shape[0], "decoder": name, "nodes": tree.num_nodes,
                     "accept_length": round(out.mean_accept_length, 2), "tokens_per_s": round(tps, 1),
                     "x_base": round(tps / base_tps, 2),
                 })  # fmt: skip
-            run.log(
-                "   "
-                + ", ".join(f"{r['decoder']} {r['tokens_per_s']}" for r in rows if r["prompt"] == label)
-                + f" tok/s ({label}, batch {ids.shape[0]})"
-            )
+            done = ", ".join(f"{r['decoder']} {r['tokens_per_s']}" for r in rows if r["prompt"] == label)
+            run.log(f"   {done} tok/s ({label}, batch {ids.shape[0]})")
     return {"new_tokens": N, "rows": rows}
 
 
@@ -1295,7 +1291,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     run.section("env", section_env, 30, budget * 0.9, device, how)
     for name, fn, extra, share, reserve in plan:
-        if not wanted(name) or (name == "tiles" and not sizes.tile_sweep):
+        if not wanted(name):
             continue
         run.section(name, fn, share * budget, reserve * budget, *extra)
     lines = summary(run)

@@ -38,7 +38,7 @@ def test_cpu_dry_run_runs_every_section(tmp_path):
     assert "== gpu-check summary (CPU DRY RUN" in run.stdout
     data = json.loads(out.read_text())
     sections = data["sections"]
-    expected = ["env", "compile", "kernel", "variants", "speed", "e2e", "train", "splits"]
+    expected = ["env", "compile", "kernel", "variants", "speed", "e2e", "train", "splits", "tiles"]
     assert [name for name in expected if sections.get(name, {}).get("status") != "ok"] == []
     assert sections["env"]["transformers_cache_api"] is True
     kernel = sections["kernel"]
@@ -58,6 +58,7 @@ def test_cpu_dry_run_runs_every_section(tmp_path):
         train["steps"] == 3 and train["tokens_per_s"] > 0 and ("deepspeed" in train["how"] or "torch" in train["how"])
     )
     assert sections["splits"]["rows"][0]["auto"] >= 1
+    assert [isinstance(r["us"], float) for r in sections["tiles"]["rows"]] == [True, True]
     assert data["summary"][0].startswith("== gpu-check summary") and data["elapsed_s"] < 400
 
 
