@@ -35,7 +35,7 @@ demo: bootstrap
 # that machine's own python3 and packages: no venv, nothing installed (the checkout is imported as is). The results
 # land in $(GPU_CHECK_OUT)/gpu_check.json. README "GPU check" has the one command for a lent GPU machine.
 GPU_PYTHON ?= python3
-GPU_CHECK_OUT ?= gpu-check-out
+GPU_CHECK_OUT ?= /tmp/medusa-gpu-check
 gpu-check:
 	mkdir -p $(GPU_CHECK_OUT)
 	PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py --json $(GPU_CHECK_OUT)/gpu_check.json $(GPU_CHECK_ARGS)

@@ -932,9 +932,18 @@ def exact_prompts(corpus, sizes: Sizes, vocab: int) -> list:
 
 def section_e2e(run: Run, deadline: float, device, sizes: Sizes) -> dict:
     import torch
+    from transformers import LlamaModel
 
     from medusa_toolkit import MedusaModel, MedusaTree, medusa_generate
 
+    if "cache" not in inspect.signature(LlamaModel.forward).parameters:
+        import transformers
+
+        return {
+            "status": "skipped",
+            "reason": f"transformers {transformers.__version__} has no `cache=` forward argument, which the toolkit's "
+            "decoding uses (it has `past_key_values`): carry the .venv's transformers wheel (make gpu-wheels)",
+        }
     t0 = time.perf_counter()
     base = build_base(sizes, device)
     heads, corpus, fit_steps, top1 = fit_heads(base, sizes, device, deadline=t0 + 0.2 * (deadline - t0))
@@ -1188,7 +1197,8 @@ def summary(run: Run) -> list[str]:
 
     def status(name):
         sec = s.get(name, {})
-        return sec.get("status", "not run") + (f" ({sec['error']})" if "error" in sec else "")
+        why = sec.get("error") or sec.get("reason")
+        return sec.get("status", "not run") + (f" ({why})" if why else "")
 
     c = s.get("compile", {})
     lines.append(f"compile    {status('compile')}: {c.get('variants')} split variants, {c.get('workers')} workers")
