@@ -828,7 +828,8 @@ def section_tiles(run: Run, deadline: float, device, sizes: Sizes) -> dict:
         v = torch.randn_like(k)
         tree = pack_tree_mask(random_tree(T, torch.Generator().manual_seed(2)).to(device)) if T > 1 else None
         base = split_kernel_config(dt, D, Hq // Hkv * T, T if T > 1 else None)
-        for n, st in sizes.tile_sweep:
+        # The dispatcher's own tile first (the reference the others are read against), then the sweep.
+        for n, st in dict.fromkeys([(base.block_n, base.num_stages), *sizes.tile_sweep]):
             if time.perf_counter() > deadline:
                 break
             cfg = dataclasses.replace(base, block_n=n, num_stages=st)
@@ -889,6 +890,18 @@ def fit_heads(base, sizes: Sizes, device, deadline: float):
         steps += 1
     top1 = (stats[:, 2] / stats[:, 1].clamp(min=1)).tolist()
     return heads.eval(), corpus, steps, top1
+
+
+def generate_batch(model, input_ids, attention_mask, max_new_tokens: int, **kw):
+    """Batched Medusa decoding through the public API: `medusa_generate_batch` where the toolkit exports it, else
+    `medusa_generate` with an attention mask (which took batches before the decoding API was split)."""
+    import medusa_toolkit
+
+    if hasattr(medusa_toolkit, "medusa_generate_batch"):
+        return medusa_toolkit.medusa_generate_batch(model, input_ids, attention_mask, max_new_tokens, **kw)
+    if attention_mask is None:
+        attention_mask = input_ids.new_ones(input_ids.shape)
+    return medusa_toolkit.medusa_generate(model, input_ids, max_new_tokens, attention_mask=attention_mask, **kw)
 
 
 def first_divergence(ref: list, got: list) -> int | None:
@@ -991,9 +1004,7 @@ def section_e2e(run: Run, deadline: float, device, sizes: Sizes) -> dict:
             .long()
             .to(device)
         )
-        out = medusa_generate(
-            model, ids, N, tree=exact_tree, attention_mask=mask, attn_implementation="medusa_flash_decoding"
-        )
+        out = generate_batch(model, ids, mask, N, tree=exact_tree, attn_implementation="medusa_flash_decoding")
         for b, row in enumerate(out.rows()):
             c = classify(base, refs[b], row, len(prompts[b]), dtype_name)
             batch_counts[c["result"]] += 1
@@ -1042,6 +1053,10 @@ def speed_e2e(run: Run, deadline: float, device, base, model, trees: dict, corpu
         )  # fmt: skip
 
     def medusa(ids, tree, n):
+        if ids.shape[0] > 1:
+            return generate_batch(
+                model, ids, None, n, tree=tree, eos_token_id=[], attn_implementation="medusa_flash_decoding"
+            )
         return medusa_generate(model, ids, n, tree=tree, eos_token_id=[], attn_implementation="medusa_flash_decoding")
 
     def timed(fn):
