@@ -8,7 +8,9 @@ tokens (1 = plain decoding, 16/64 = tree verification) attending to a cache of S
     python benchmarks/bench_flash_decode.py --seq-lens 4096 --tree-sizes 1 16 --batch-sizes 1
 
 flash_attn_with_kvcache has no tree masks: it is timed with causal=True (a chain), which reads the same bytes, so
-its number is a speed reference, not an equivalent computation.
+its number is a speed reference, not an equivalent computation. For the budgeted all-in-one GPU run (correctness vs
+float64, bandwidth as % of a measured copy, split and tile sweeps, end-to-end decoding) use `make gpu-check`
+(benchmarks/gpu_check.py); this script is the open-ended grid.
 """
 
 import argparse

@@ -6,11 +6,14 @@ On CPU, set TRITON_INTERPRET=1 before importing it to run the Triton kernels in 
 
 if __name__ == "medusa_toolkit.kernels":
     from .flash_decode import (
+        MAX_TREE_NODES,
         SUPPORTED_HEAD_DIMS,
+        PackedTreeMask,
         default_num_splits,
         dense_attention_mask,
         flash_decode,
         flash_decode_reference,
+        pack_tree_mask,
     )
     from .hf_attention import ATTN_NAME, get_backend, medusa_attention_forward, register_attention, set_backend
 
@@ -23,6 +26,8 @@ else:
 
 __all__ = [
     "ATTN_NAME",
+    "MAX_TREE_NODES",
+    "PackedTreeMask",
     "SUPPORTED_HEAD_DIMS",
     "default_num_splits",
     "dense_attention_mask",
@@ -30,6 +35,7 @@ __all__ = [
     "flash_decode_reference",
     "get_backend",
     "medusa_attention_forward",
+    "pack_tree_mask",
     "register_attention",
     "set_backend",
 ]

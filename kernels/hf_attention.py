@@ -15,16 +15,32 @@ When either key is present the compact description is authoritative and transfor
 Without them, short queries (T <= MAX_KERNEL_QUERY_LEN) with no explicit mask (plain decoding, short prefill) use
 the kernel with causal masking; everything else (long prefill, padded batches, custom 4D masks) goes to transformers'
 SDPA path with the usual mask, so results stay exact.
+
+Attention sinks (gpt-oss's `s_aux`) reach the kernel (its reduce step adds them to the softmax denominator); on the
+dense path an eager softmax applies them (transformers' SDPA function would drop them). Head dims the kernel does not
+compile go to SDPA on CUDA (`flash_decode`'s "auto"), not to a dense fp32 reference.
+
+Per-layer host work is kept small: the tree mask is packed into bit words once per forward (layer 0, or the first
+layer that sees a new mask tensor) and reused by the other layers; kv_lens values are checked once per forward (one
+device sync, at layer 0); the kernel writes its output in the [B, T, Hq, D] layout transformers continues with.
 """
 
 import os
+import weakref
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .flash_decode import BACKENDS, dense_attention_mask, flash_decode
+from .flash_decode import (
+    BACKENDS,
+    MAX_TREE_NODES,
+    PackedTreeMask,
+    dense_attention_mask,
+    flash_decode,
+    pack_tree_mask,
+)
 
 ATTN_NAME = "medusa_tree_decoding"  # no "flash" in it: see the module docstring
 MAX_KERNEL_QUERY_LEN = 128  # longer queries without tree kwargs are prefill: SDPA/FlashAttention is the better tool
@@ -77,25 +93,32 @@ def _dense_attention(
     scaling: float | None,
     kwargs: dict,
 ) -> tuple[torch.Tensor, None]:
-    """Fallback: SDPA with a dense mask, or an eager softmax when the module asks for logit soft-capping."""
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError(f"{ATTN_NAME} does not support attention sinks (s_aux); use 'eager'")
+    """Fallback: SDPA with a dense mask, or an eager softmax when the module asks for logit soft-capping or has
+    attention sinks (s_aux, gpt-oss), which transformers' SDPA function does not apply."""
     kwargs = {k: v for k, v in kwargs.items() if k not in (TREE_MASK_KWARG, KV_LENS_KWARG)}
     softcap = kwargs.pop("softcap", None)
-    if softcap is None:
+    sinks = kwargs.pop("s_aux", None)
+    if softcap is None and sinks is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     groups = query.shape[1] // key.shape[1]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = query.float() @ repeat_kv(key, groups).float().transpose(2, 3) * scaling
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, float("-inf"))
         else:
             scores = scores + attention_mask.float()
-    probs = torch.nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training)
+    if sinks is not None:
+        # A sink is one more logit per head in every row's softmax, with no value (what gpt-oss's eager path does).
+        sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     out = (probs @ repeat_kv(value, groups).float()).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 
@@ -145,10 +168,31 @@ def medusa_attention_forward(
             # the first T (SDPA slices the same way), the rest are unwritten slots.
             key, value = key[:, :, :T], value[:, :, :T]
 
+    layer_idx = getattr(module, "layer_idx", 0)
+    if tree_mask is not None and tree_mask.shape[-1] <= MAX_TREE_NODES:
+        tree_mask = _packed(tree_mask, layer_idx)
     # Check kv_lens values once per forward (layer 0), not once per layer: each check is a device sync.
-    check = getattr(module, "layer_idx", 0) == 0
-    out = flash_decode(query, key, value, tree_mask, kv_lens, scale=scaling, backend=get_backend(), check_kv_lens=check)
+    out = flash_decode(
+        query, key, value, tree_mask, kv_lens, scale=scaling, backend=get_backend(), check_kv_lens=layer_idx == 0,
+        sinks=kwargs.get("s_aux"),
+    )  # fmt: skip
+    # The kernel's output is stored [B, T, Hq, D] already: this transpose makes it contiguous again, no copy.
     return out.transpose(1, 2).contiguous(), None
+
+
+# The last packed tree mask and the tensor it came from: the layers of one forward get the same mask tensor.
+_last_packed: tuple[weakref.ref, PackedTreeMask] | None = None
+
+
+def _packed(tree_mask: torch.Tensor, layer_idx: int) -> PackedTreeMask:
+    """Pack once per forward: repacked at layer 0 (so a mask edited in place between forwards is seen) and for any
+    other tensor than the last one packed."""
+    global _last_packed
+    if layer_idx != 0 and _last_packed is not None and _last_packed[0]() is tree_mask:
+        return _last_packed[1]
+    packed = pack_tree_mask(tree_mask)
+    _last_packed = (weakref.ref(tree_mask), packed)
+    return packed
 
 
 def register_attention() -> str:

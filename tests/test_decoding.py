@@ -155,9 +155,12 @@ def test_flash_decoding_attention_is_exact(backend):
     """Medusa verification through the Flash-Decoding kernel (compact tree mask) gives the greedy tokens."""
     from medusa_toolkit.kernels import get_backend, set_backend
 
+    # On a CUDA machine the model runs there: the triton backend compiled (there is no interpreter for CPU tensors).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     base = tiny_base("llama", seed=2, head_dim=64)  # the Triton kernel supports head dims 64/80/96/128
-    model = MedusaModel(base, fit_heads(base, num_heads=4, steps=60, seed=2))
-    corpus = greedy_corpus(base, seed=2)
+    heads = fit_heads(base, num_heads=4, steps=60, seed=2)
+    corpus = greedy_corpus(base, seed=2).to(device)
+    model = MedusaModel(base.to(device), heads)
     previous = get_backend()
     set_backend(backend)
     try:
