@@ -241,15 +241,16 @@ def make_teacher(cfg: ToolkitConfig, base, run_dir: Path, chash: str, train_ds, 
     return Teacher(base, False, disk)
 
 
-def build_heads(cfg: ToolkitConfig, base) -> MedusaHeads:
+def build_heads(cfg: ToolkitConfig, base, lm_head_weight: torch.Tensor) -> MedusaHeads:
+    """New heads initialised from the base's (full, gathered) lm_head weight, or heads.init_from's heads."""
     h = cfg.heads
     if h.init_from:
         heads = MedusaHeads.from_pretrained(h.init_from)
-        heads.check_compatible(base)
+        heads.check_compatible(base)  # reads ds_shape under ZeRO-3
         return heads
-    vocab, hidden = base.get_output_embeddings().weight.shape
+    vocab, hidden = lm_head_weight.shape
     heads = MedusaHeads(hidden, vocab, h.num_heads, h.num_layers, h.head_type, cfg.model.name_or_path)
-    heads.init_from_lm_head(base.get_output_embeddings().weight)
+    heads.init_from_lm_head(lm_head_weight)
     return heads.float()
 
 
@@ -451,6 +452,7 @@ class Setup:
     total_steps: int
     config_hash: str
     counts: dict[int, torch.Tensor] = field(default_factory=dict)  # per sequence: each head's target count
+    zero3_base: Any = None  # ZeRO-3: (HfDeepSpeedConfig, base engine), kept alive for the whole stage
 
     def step_counts(self, order: list[int], max_len: int) -> torch.Tensor:
         """Each head's target count over these training sequences [num_heads]."""
@@ -474,14 +476,12 @@ def setup(cfg: ToolkitConfig, run_dir: Path) -> Setup:
     if len(train_ds) == 0:
         raise TrainError(f"the data artefact in {run_dir / 'data'} has no training sequences; raise data.num_prompts")
     device = D.device() if cfg.model.device is None else torch.device(cfg.model.device)
-    base, _ = load_base_model(cfg.model.name_or_path, cfg.model.dtype, device)
-    torch.manual_seed(t.seed)
-    heads = build_heads(cfg, base)
-    objective = MedusaObjective(
-        heads, BaseHead.of(base, frozen_copy=True), t.loss, t.head_weight_decay, t.kl_temperature, t.kl_top_k
-    )
-
     micro, accum = batch_geometry(ds_config, D.world_size())
+    base, base_head, zero3_base = load_frozen_base(cfg, ds_config, device)
+    torch.manual_seed(t.seed)
+    heads = build_heads(cfg, base, base_head.weight)
+    objective = MedusaObjective(heads, base_head, t.loss, t.head_weight_decay, t.kl_temperature, t.kl_top_k)
+
     global_batch = micro * accum * D.world_size()
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(train_ds) / global_batch))
     groups = param_groups(objective)
@@ -505,9 +505,56 @@ def setup(cfg: ToolkitConfig, run_dir: Path) -> Setup:
             f"{engine.gradient_accumulation_steps()}, the data order expects {micro} x {accum}; set both in the JSON"
         )
     return Setup(
-        engine, heads, make_teacher(cfg, base, run_dir, chash, train_ds, eval_ds), train_ds, eval_ds, device, micro, accum, global_batch,
-        total_steps, chash,
+        engine, heads, make_teacher(cfg, base, run_dir, chash, train_ds, eval_ds), train_ds, eval_ds, device, micro,
+        accum, global_batch, total_steps, chash, zero3_base=zero3_base,
     )  # fmt: skip
+
+
+def load_frozen_base(cfg: ToolkitConfig, ds_config: dict, device) -> tuple[Any, BaseHead, Any]:
+    """The frozen base, its `BaseHead` (a private full copy of lm_head for the loss), and under ZeRO-3 the objects
+    that keep it partitioned (else None).
+
+    ZeRO-3: the base is loaded partitioned across ranks at from_pretrained (transformers partitions under zero.Init
+    while an `HfDeepSpeedConfig` is alive; it holds only a weak reference, so we keep it until the stage ends) and
+    wrapped in a DeepSpeed engine without optimizer that gathers each layer's parameters for its forward, as TRL does
+    for reference models. Per-rank memory for the base is ~1/world. The partition dtype follows the DeepSpeed config's
+    bf16/fp16 section, so it is set from model.dtype here (not from train.precision, which is the heads').
+    """
+    zero = ds_config.get("zero_optimization", {})
+    if int(zero.get("stage", 0)) != 3:
+        base, _ = load_base_model(cfg.model.name_or_path, cfg.model.dtype, device)
+        return base, BaseHead.of(base, frozen_copy=True), None
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dtype = str(cfg.model.dtype).removeprefix("torch.")
+    base_ds = {
+        # deepspeed.initialize requires a batch size even without an optimizer
+        "train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
+        "zero_optimization": {k: v for k, v in zero.items() if k not in ("offload_optimizer",)},
+        "bf16": {"enabled": dtype in ("bfloat16", "bf16")},
+        "fp16": {"enabled": dtype in ("float16", "fp16", "half")},
+        "steps_per_print": 10**9,
+    }
+    keep = HfDeepSpeedConfig(base_ds)  # alive while from_pretrained runs, and after (see Setup.zero3_base)
+    base, _ = load_base_model(cfg.model.name_or_path, cfg.model.dtype, device)
+    base_engine, *_ = deepspeed.initialize(model=base, config=base_ds)
+    base_engine.eval()
+    lm_head = base.get_output_embeddings()
+    gather = [lm_head.weight] + ([lm_head.bias] if getattr(lm_head, "bias", None) is not None else [])
+    with deepspeed.zero.GatheredParameters(gather, modifier_rank=None):
+        base_head = BaseHead.of(base, frozen_copy=True)  # the loss's frozen projection and the heads' init
+    return base, base_head, (keep, base_engine)
+
+
+def end_zero3_base(s: Setup) -> None:
+    """Drop the ZeRO-3 base's DeepSpeed config: later from_pretrained calls in this process load unpartitioned."""
+    if s.zero3_base is not None:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        s.zero3_base = None
 
 
 def batch_geometry(ds_config: dict, world: int) -> tuple[int, int]:
@@ -634,29 +681,32 @@ def train(cfg: ToolkitConfig, run_dir: Path, out_dir: Path | None) -> MedusaHead
     D.init_distributed()
     run_dir, t, start_time = Path(run_dir), cfg.train, time.time()
     s = setup(cfg, run_dir)
-    progress = (load_checkpoint(s.engine, run_dir, s.config_hash) if t.resume else None) or Progress()
-    if progress.step and D.is_main():
-        print(f"[train] resumed from step {progress.step} of {s.total_steps}")
-    wandb_run = _wandb(cfg, run_dir, s.config_hash)
-    bar = tqdm(total=s.total_steps, initial=progress.step, unit="step", desc="train",
-               disable=not D.is_main() or not cfg.logging.progress)  # fmt: skip
-    while progress.step < s.total_steps:
-        train_step(s, cfg, progress)
-        done = progress.step
-        if done % t.log_every == 0 or done == s.total_steps:
-            log_and_evaluate(s, cfg, progress, wandb_run, bar)
-        bar.update(1)
-        if done % t.checkpoint_every == 0 and done < s.total_steps:
-            save_checkpoint(s.engine, run_dir, progress, s.config_hash, s.total_steps)
-    bar.close()
-    if D.is_main() and _checkpoint_dir(run_dir).exists():  # finished: nothing left to resume
-        (_checkpoint_dir(run_dir) / RUN_FILE).write_text(
-            json.dumps({"config_hash": s.config_hash, "step": s.total_steps, "total_steps": s.total_steps}) + "\n"
-        )
-    final = save_heads(s, cfg, progress, out_dir, start_time)
-    if wandb_run is not None:
-        wandb_run.finish()
-    D.barrier()
+    try:
+        progress = (load_checkpoint(s.engine, run_dir, s.config_hash) if t.resume else None) or Progress()
+        if progress.step and D.is_main():
+            print(f"[train] resumed from step {progress.step} of {s.total_steps}")
+        wandb_run = _wandb(cfg, run_dir, s.config_hash)
+        bar = tqdm(total=s.total_steps, initial=progress.step, unit="step", desc="train",
+                   disable=not D.is_main() or not cfg.logging.progress)  # fmt: skip
+        while progress.step < s.total_steps:
+            train_step(s, cfg, progress)
+            done = progress.step
+            if done % t.log_every == 0 or done == s.total_steps:
+                log_and_evaluate(s, cfg, progress, wandb_run, bar)
+            bar.update(1)
+            if done % t.checkpoint_every == 0 and done < s.total_steps:
+                save_checkpoint(s.engine, run_dir, progress, s.config_hash, s.total_steps)
+        bar.close()
+        if D.is_main() and _checkpoint_dir(run_dir).exists():  # finished: nothing left to resume
+            (_checkpoint_dir(run_dir) / RUN_FILE).write_text(
+                json.dumps({"config_hash": s.config_hash, "step": s.total_steps, "total_steps": s.total_steps}) + "\n"
+            )
+        final = save_heads(s, cfg, progress, out_dir, start_time)
+        if wandb_run is not None:
+            wandb_run.finish()
+        D.barrier()
+    finally:
+        end_zero3_base(s)
     return final
 
 
