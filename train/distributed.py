@@ -30,6 +30,9 @@ def init_distributed() -> None:
     os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
     import deepspeed
 
+    if torch.cuda.is_available():
+        # Before anything allocates: a ZeRO-3 base is partitioned onto the *current* device at from_pretrained.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
