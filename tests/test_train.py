@@ -310,3 +310,23 @@ def test_zero3_partitioned_base_two_ranks_equals_one_rank(tmp_path, ragged):
     ref, _ = _run(tmp_path, ragged, "z0", micro_batch_size=8, deepspeed={"zero_stage": 0}, **common)
     for (name, a), b in zip(ref.state_dict().items(), z3.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_teacher_cache_decision_is_taken_by_all_ranks(tmp_path, tiny):
+    """ZeRO-3, two ranks: a batch cached on one rank only goes through the (partitioned) base on both, and its hidden
+    states are the base's (with a rank-local decision, rank 0 would skip the forward and rank 1 would hang)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model, _, _ = tiny
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           str(ROOT / "tests" / "teacher_lockstep_two_ranks.py"), str(model), str(tmp_path)]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    base = AutoModelForCausalLM.from_pretrained(model).eval()
+    for r in range(2):
+        got = load_file(str(tmp_path / f"rank{r}.safetensors"))
+        with torch.no_grad():
+            want = base.get_decoder()(got["ids"]).last_hidden_state
+        torch.testing.assert_close(got["hidden"], want, rtol=1e-5, atol=1e-5)
