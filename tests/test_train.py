@@ -123,6 +123,7 @@ def test_zero_stages_agree_and_teacher_cache_is_exact(tmp_path, tiny):
         ("z2", {"deepspeed": {"zero_stage": 2}}),
         ("z3", {"deepspeed": {"zero_stage": 3}}),
         ("cache", {"teacher_cache": True}),
+        ("disk", {"teacher_cache": "disk"}),
     ):
         heads, out = _run(tmp_path, tiny, name, max_steps=10, **extra)
         for a, b in zip(ref.state_dict().values(), heads.state_dict().values()):
@@ -204,3 +205,128 @@ def test_two_ranks_identical_heads_written_once(tmp_path, tiny):
         "metrics.jsonl",
         "training_summary.json",
     ]
+
+
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory, tiny):
+    """The tiny model with sequences of unequal lengths (5 to 44 tokens)."""
+    data_run = tmp_path_factory.mktemp("ragged")
+    tokens = write_permutation_data(data_run, ragged=True)
+    return tiny[0], data_run, tokens
+
+
+def test_tokens_weigh_equally_across_micro_batches(tmp_path, ragged):
+    """Gradient accumulation 8 x 1 and 1 x 8 on unequal lengths train the same heads: the loss is normalised by the
+    step's target-token count, not averaged per micro-batch (which gives a short sequence's tokens up to 8x the
+    weight of a long one's)."""
+    common = {"max_steps": 3, "learning_rate": 1e-2}
+    one, _ = _run(tmp_path, ragged, "8x1", micro_batch_size=8, gradient_accumulation_steps=1, **common)
+    accum, _ = _run(tmp_path, ragged, "1x8", micro_batch_size=1, gradient_accumulation_steps=8, **common)
+    for (name, a), b in zip(one.state_dict().items(), accum.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_deepspeed_json_micro_batch_only_trains_every_sequence(tmp_path, tiny):
+    """A JSON setting train_micro_batch_size_per_gpu (not train_batch_size): one epoch still sees all 40 sequences."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    _, out = _run(tmp_path, tiny, "micro4", max_steps=None, epochs=1.0, deepspeed={"config_file": str(ds)})
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["global_batch"] == 4 and summary["steps"] == 10
+    assert summary["tokens"] == 40 * 44  # every training sequence once
+
+
+def test_deepspeed_json_optimizer_gets_our_schedule(tmp_path, tiny):
+    """A JSON `optimizer` without `scheduler` runs our warmup + cosine schedule, not a constant learning rate."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}))
+    _, out = _run(tmp_path, tiny, "jsonopt", max_steps=4, log_every=1, deepspeed={"config_file": str(ds)})
+    lrs = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] < 1e-2 + 1e-12 and lrs[-1] < 0.5 * lrs[0], lrs  # cosine decay to min_lr_ratio 0
+
+
+def test_no_weight_decay_on_biases(tmp_path, tiny):
+    model, data_run, _ = tiny
+    run = tmp_path / "wd"
+    run.mkdir()
+    os.symlink(data_run / "data", run / "data")
+    s = trainer.setup(config_from_dict(base_config(model, weight_decay=0.1)), run)
+    groups = s.engine.optimizer.param_groups
+    for g in groups:
+        for p in g["params"]:
+            assert g["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0), (tuple(p.shape), g["weight_decay"])
+    assert {p.dim() for g in groups for p in g["params"]} == {1, 2}
+
+
+def test_disk_teacher_cache_survives_resume_and_is_rebuilt_for_new_inputs(tmp_path, tiny, monkeypatch):
+    """teacher_cache: disk writes each sequence's hidden states once (epoch 1 + the first evals), a resumed run takes
+    every batch from it (no base forward at all), the heads equal an uncached run's, and other inputs rebuild it."""
+    common = {"max_steps": 10, "checkpoint_every": 3, "log_every": 3, "eval_every": 3}
+    ref, _ = _run(tmp_path, tiny, "nocache", **common)
+    with monkeypatch.context() as m:
+        _interrupt_after_checkpoint(m, 6)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, tiny, "disk", teacher_cache="disk", **common)
+    cache = tmp_path / "disk" / "teacher_cache"
+    assert int(torch.from_file(str(cache / "written.bin"), size=48, dtype=torch.uint8).sum()) == 48  # 40 + 8 held out
+    heads, out = _run(tmp_path, tiny, "disk", teacher_cache="disk", resume=True, **common)
+    for (name, a), b in zip(ref.state_dict().items(), heads.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    report = json.loads((out / "training_summary.json").read_text())["teacher_cache"]
+    assert report["mode"] == "disk" and report["batches_through_base"] == 0 and report["batches_from_cache"] == 6
+    assert report["sequences_cached"] == 48 and report["bytes"] >= 48 * 44 * 64 * 4  # fp32 rows, hidden size 64
+    # Other train-stage inputs (here the learning rate): the cache is rebuilt, never reused.
+    _, out = _run(tmp_path, tiny, "disk", teacher_cache="disk", max_steps=6, learning_rate=1e-2, eval_every=100)
+    report = json.loads((out / "training_summary.json").read_text())["teacher_cache"]
+    # Epoch 1 (5 steps) and the final held-out batch through the base; step 6 (epoch 2) from the new cache.
+    assert report["batches_through_base"] == 6 and report["batches_from_cache"] == 1
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert len(summary["epoch_train_time_s"]) == 2
+
+
+def test_zero3_partitioned_base_two_ranks_equals_one_rank(tmp_path, ragged):
+    """Two CPU ranks, ZeRO-3: each rank holds about half of the frozen base, and the heads equal a one-rank ZeRO-0
+    run on the same unequal-length data (2 ranks x micro 4 vs 1 rank x micro 8: the same tokens, the same weights)."""
+    model, data_run, _ = ragged
+    ds = tmp_path / "zero3.json"
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}  # partition every parameter, however small
+    ds.write_text(json.dumps({"zero_optimization": zero}))
+    common = {"max_steps": 3, "learning_rate": 1e-2, "eval_every": 3}
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(base_config(model, micro_batch_size=4, deepspeed={"config_file": str(ds)}, **common)))
+    run = tmp_path / "z3"
+    run.mkdir()
+    os.symlink(data_run / "data", run / "data")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           str(ROOT / "tests" / "train_two_ranks_zero3.py"), str(cfg), str(run)]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for r in range(2):
+        share = json.loads((tmp_path / f"share{r}.json").read_text())
+        assert 0.4 < share["local"] / share["total"] < 0.6, share
+        assert share["resident"] == 0, share
+    z3 = MedusaHeads.from_pretrained(run / "heads")
+    ref, _ = _run(tmp_path, ragged, "z0", micro_batch_size=8, deepspeed={"zero_stage": 0}, **common)
+    for (name, a), b in zip(ref.state_dict().items(), z3.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_teacher_cache_decision_is_taken_by_all_ranks(tmp_path, tiny):
+    """ZeRO-3, two ranks: a batch cached on one rank only goes through the (partitioned) base on both, and its hidden
+    states are the base's (with a rank-local decision, rank 0 would skip the forward and rank 1 would hang)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model, _, _ = tiny
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           str(ROOT / "tests" / "teacher_lockstep_two_ranks.py"), str(model), str(tmp_path)]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    base = AutoModelForCausalLM.from_pretrained(model).eval()
+    for r in range(2):
+        got = load_file(str(tmp_path / f"rank{r}.safetensors"))
+        with torch.no_grad():
+            want = base.get_decoder()(got["ids"]).last_hidden_state
+        torch.testing.assert_close(got["hidden"], want, rtol=1e-5, atol=1e-5)

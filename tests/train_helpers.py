@@ -15,11 +15,13 @@ def write_permutation_data(
     seed: int = 0,
     prompt_len: int = 4,
     alphabet: int = 64,
+    ragged: bool = False,
 ) -> torch.Tensor:
     """Write a data artefact whose future is predictable: x[t+1] = perm(x[t]) for a fixed random permutation.
 
     Token t+2 is perm(perm(x[t])), a function of the current token alone, so held-out rows (other start tokens) are
     learnable, while a head trained on the wrong shift learns perm(x[t]) and scores ~0 on the true target.
+    `ragged`: row i keeps only its first prompt_len + 1 + (7 * i) % new tokens (sequences of unequal lengths).
     """
     import datasets
 
@@ -29,9 +31,10 @@ def write_permutation_data(
     tokens[:, 0] = torch.randint(0, alphabet, (num,), generator=g)
     for t in range(1, tokens.shape[1]):
         tokens[:, t] = perm[tokens[:, t - 1]]
+    keep = [prompt_len + 1 + (7 * i) % new if ragged else prompt_len + new for i in range(num)]
     rows = {
-        "input_ids": tokens.tolist(),
-        "loss_mask": [[0] * prompt_len + [1] * new for _ in range(num)],
+        "input_ids": [row[:n] for row, n in zip(tokens.tolist(), keep)],
+        "loss_mask": [([0] * prompt_len + [1] * new)[:n] for n in keep],
         "prompt_length": [prompt_len] * num,
         "prompt_index": list(range(num)),
         "heldout": [i >= num - heldout for i in range(num)],

@@ -134,9 +134,13 @@ class TrainConfig(Section):
     kl_top_k: PositiveInt | None = None
     # Per-head loss weight decay**k (Medusa-2).
     head_weight_decay: Annotated[Float, Field(gt=0.0)] = 0.8
-    # Keep the frozen base's last hidden states per sequence after their first use: later epochs and evals skip the
-    # base forward (in memory; the kl teacher logits are lm_head(hidden), so nothing else needs caching).
-    teacher_cache: StrictBool = False
+    # Keep the frozen base's last hidden states per sequence after their first use, so later epochs and evals skip the
+    # base forward: false (off), memory (this process's RAM), or disk (memory-mapped files under RUN_DIR/teacher_cache,
+    # written once, reused across epochs and --resume, rebuilt when the train stage's inputs change). The kl teacher
+    # logits are base_logits(hidden), so nothing else needs caching. `true` is read as `memory`.
+    teacher_cache: Annotated[
+        Literal[False, "memory", "disk"], BeforeValidator(lambda v: "memory" if v is True else v)
+    ] = False
     eval_every: PositiveInt = 50
     checkpoint_every: PositiveInt = 100
     log_every: PositiveInt = 10

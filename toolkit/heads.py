@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -115,11 +116,16 @@ class MedusaHeads(nn.Module):
         return torch.stack(outs)
 
     def forward(
-        self, hidden_states: torch.Tensor, lm_head: nn.Module | None = None, num_heads: int | None = None
+        self,
+        hidden_states: torch.Tensor,
+        lm_head: nn.Module | Callable[[torch.Tensor], torch.Tensor] | None = None,
+        num_heads: int | None = None,
     ) -> torch.Tensor:
         """Logits of the first `num_heads` heads (all by default): [num_heads, ..., vocab].
 
-        `lm_head` (the base's) is needed for shared heads.
+        `lm_head` (the base's) is needed for shared heads: pass the base's whole hidden-to-logits map
+        (`MedusaModel.base_logits` / `medusa_model.BaseHead`), not the bare Linear, for bases that soft-cap or scale
+        their logits (Gemma 2, Cohere, Granite).
         """
         if num_heads == 0:
             return hidden_states.new_zeros((0, *hidden_states.shape[:-1], self.config.vocab_size))
@@ -200,8 +206,9 @@ class MedusaHeads(nn.Module):
 
     def check_compatible(self, base: nn.Module) -> None:
         """Raise a clear error when these heads were made for a base of another hidden or vocab size."""
-        lm_head = base.get_output_embeddings()
-        vocab, hidden = lm_head.weight.shape
+        weight = base.get_output_embeddings().weight
+        # A ZeRO-3 partitioned parameter has shape (0,) on every rank; its full shape is ds_shape.
+        vocab, hidden = tuple(getattr(weight, "ds_shape", weight.shape))
         if (hidden, vocab) != (self.config.hidden_size, self.config.vocab_size):
             raise HeadsLoadError(
                 f"heads do not fit this base model: heads have hidden_size={self.config.hidden_size}, "

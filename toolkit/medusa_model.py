@@ -8,9 +8,55 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from medusa_toolkit.base_model import freeze, load_base_model
 from medusa_toolkit.heads import MedusaHeads
+
+
+def logit_transform(config: Any) -> tuple[float, float | None]:
+    """What a base family does to `lm_head(hidden)` to get its logits: (multiplier, final soft-cap or None).
+
+    Cohere multiplies by `logit_scale`, Granite divides by `logits_scaling`, Gemma 2 soft-caps with
+    `final_logit_softcapping` (tanh(x / cap) * cap). Others: (1.0, None).
+    """
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    if getattr(config, "logits_scaling", None):
+        scale /= float(config.logits_scaling)
+    return scale, getattr(config, "final_logit_softcapping", None) or None
+
+
+@dataclass
+class BaseHead:
+    """The base model's map from last hidden states to next-token logits: lm_head weight (and bias), the family's
+    logit scale and soft-cap. The one definition of "base logits from hidden" used by inference (MedusaModel) and by
+    the training objective (train.losses), so shared heads and kl targets see exactly the base's distribution."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, base: nn.Module, weight: torch.Tensor | None = None, frozen_copy: bool = False) -> BaseHead:
+        """The head of a loaded base. `weight` overrides the lm_head weight (e.g. a gathered copy of a ZeRO-3
+        partitioned one); `frozen_copy` detaches and clones the tensors (training keeps them outside the engine)."""
+        lm_head = base.get_output_embeddings()
+        weight = lm_head.weight if weight is None else weight
+        bias = getattr(lm_head, "bias", None)
+        if frozen_copy:
+            weight = weight.detach().clone()
+            bias = None if bias is None else bias.detach().clone()
+        return cls(weight, bias, *logit_transform(base.config))
+
+    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(hidden_states.dtype)
+        logits = F.linear(hidden_states, self.weight.to(hidden_states.dtype), bias)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 @dataclass
@@ -66,12 +112,9 @@ class MedusaModel(nn.Module):
         return self.heads.num_heads
 
     def base_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The base model's lm_head (with final logit soft-capping for the families that use it, e.g. Gemma 2)."""
-        logits = self.base.get_output_embeddings()(hidden_states)
-        cap = getattr(self.base.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        """The base model's logits from its last hidden states (lm_head with bias, logit scale and final soft-cap for
+        the families that use them: Cohere, Granite, Gemma 2, Phi): `BaseHead`, as training computes them."""
+        return BaseHead.of(self.base)(hidden_states)
 
     def forward(
         self,
@@ -104,4 +147,5 @@ class MedusaModel(nn.Module):
 
     def medusa_logits(self, hidden_states: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
         """The first `num_heads` heads' logits [num_heads, ..., V] (all by default) on given last hidden states."""
-        return self.heads(hidden_states, self.base.get_output_embeddings(), num_heads)
+        # Shared heads project through the base's whole logit map (soft-cap, scale, bias), exactly as in training.
+        return self.heads(hidden_states, self.base_logits, num_heads)

@@ -30,6 +30,9 @@ def init_distributed() -> None:
     os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
     import deepspeed
 
+    if torch.cuda.is_available():
+        # Before anything allocates: a ZeRO-3 base is partitioned onto the *current* device at from_pretrained.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
@@ -63,3 +66,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(t)
     return t
+
+
+def all_true(flag: bool) -> bool:
+    """True only when `flag` is true on every rank (a collective: all ranks call it at the same point). Decisions that
+    change which collectives a rank runs (e.g. skipping a ZeRO-3 partitioned base's forward) must be taken with it."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device() if dist.get_backend() == "nccl" else None)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

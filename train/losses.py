@@ -4,6 +4,11 @@ Head k at position t guesses the token at t + k + 2. `ce` compares it with that 
 `kl` with the base model's own distribution at position t + k + 1 (the base's next-token guess for the same token),
 computed from the same final hidden states. A position counts only when the TARGET position is in the loss mask.
 Only masked positions are projected onto the vocabulary: the [N, V] projection is most of the cost.
+
+Normalisation: every target token of an optimizer step weighs the same, however the step's sequences are split into
+micro-batches and ranks. The trainer passes each head's target count over the whole step (all micro-batches, all
+ranks) as `norm`; the objective returns sum(loss over this micro-batch's tokens) / norm, and the trainer undoes
+DeepSpeed's averaging over micro-batches and ranks (see `trainer.train_step`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medusa_toolkit.heads import MedusaHeads
+from medusa_toolkit.medusa_model import BaseHead
 
 # Per head: loss_sum, count, top1_correct, top5_correct.
 STATS = 4
@@ -29,15 +35,17 @@ def head_weights(num_heads: int, decay: float) -> list[float]:
 
 
 class MedusaObjective(nn.Module):
-    """Heads + the loss, as one module for the DeepSpeed engine. The base lm_head is a frozen tensor, not a parameter.
+    """Heads + the loss, as one module for the DeepSpeed engine. The base lm_head is frozen tensors, not parameters.
 
-    forward(hidden [B,T,H], input_ids [B,T], loss_mask [B,T]) -> (weighted loss, stats [num_heads, 4]).
+    forward(hidden [B,T,H], input_ids [B,T], loss_mask [B,T], norm [num_heads] | None)
+        -> (weighted loss, stats [num_heads, 4]).
+    `base_head`: the base's `BaseHead` (weight, bias, logit scale, soft-cap), or a bare lm_head weight tensor.
     """
 
     def __init__(
         self,
         heads: MedusaHeads,
-        lm_head_weight: torch.Tensor,
+        base_head: BaseHead | torch.Tensor,
         loss: str = "ce",
         decay: float = 0.8,
         kl_temperature: float = 1.0,
@@ -46,26 +54,31 @@ class MedusaObjective(nn.Module):
     ):
         super().__init__()
         self.heads = heads
-        # A plain attribute (not a parameter/buffer): DeepSpeed must neither train, shard nor broadcast it.
-        self.lm_head_weight = lm_head_weight.detach()
+        if isinstance(base_head, torch.Tensor):
+            base_head = BaseHead(base_head, softcap=softcap)
+        # Plain attributes (not parameters/buffers): DeepSpeed must neither train, shard nor broadcast them.
+        bias = None if base_head.bias is None else base_head.bias.detach()
+        self.base_head = BaseHead(base_head.weight.detach(), bias, base_head.scale, base_head.softcap)
+        self.lm_head_weight = self.base_head.weight
         self.loss = loss
         self.weights = head_weights(heads.num_heads, decay)
         self.kl_temperature = kl_temperature
         self.kl_top_k = kl_top_k
-        self.softcap = softcap
 
     def base_logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h, self.lm_head_weight.to(h.dtype))
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        """The base's logits from its last hidden states (the same `BaseHead` inference uses)."""
+        return self.base_head(h)
 
     def project(self, k: int, h: torch.Tensor) -> torch.Tensor:
         if self.heads.head_type == "shared_lm_head":
             return self.base_logits(h)
         return self.heads.heads[k][self.heads.num_layers](h)
 
-    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor):
+    def forward(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, norm: torch.Tensor | None = None
+    ):
+        """`norm[k]`: head k's target count that this micro-batch's summed loss is divided by (the whole step's, so
+        tokens weigh equally across micro-batches and ranks); None: this micro-batch's own count (a per-token mean)."""
         dtype = next(self.heads.parameters()).dtype
         hidden = hidden.to(dtype)
         per_head = self.heads.hidden(hidden)  # [K, B, T, H]: cheap, the vocab projection comes after masking
@@ -83,26 +96,41 @@ class MedusaObjective(nn.Module):
                 continue
             target = input_ids[:, shift:][mask]
             if self.loss == "ce":
-                loss = F.cross_entropy(logits, target)
+                loss_sum = F.cross_entropy(logits, target, reduction="sum")
             else:
-                teacher = self.base_logits(
-                    hidden[:, shift - 1 : T - 1][mask]
-                ).float()  # base's guess for the same token
-                loss = kl_loss(logits, teacher, self.kl_temperature, self.kl_top_k)
-            total = total + self.weights[k] * loss
+                teacher = self.base_logits(hidden[:, shift - 1 : T - 1][mask]).float()  # base's guess, same token
+                loss_sum = kl_loss(logits, teacher, self.kl_temperature, self.kl_top_k, reduction="sum")
+            denom = n if norm is None else float(norm[k])
+            total = total + self.weights[k] * loss_sum / max(denom, 1.0)
             with torch.no_grad():
                 top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-                stats[k, 0] += loss.detach().double() * n
+                stats[k, 0] += loss_sum.detach().double()
                 stats[k, 1] += n
                 stats[k, 2] += (top5[:, 0] == target).sum()
                 stats[k, 3] += (top5 == target[:, None]).any(-1).sum()
         return total, stats
 
 
+def target_counts(loss_masks: list[list[int]], num_heads: int, max_len: int) -> torch.Tensor:
+    """Each head's number of target positions over these sequences (cut to max_len as `collate` does) [num_heads]:
+    the positions t whose target t + target_offset(k) is in the loss mask."""
+    counts = torch.zeros(num_heads, dtype=torch.float64)
+    for m in loss_masks:
+        m = m[:max_len]
+        for k in range(num_heads):
+            counts[k] += sum(m[target_offset(k) :])
+    return counts
+
+
 def kl_loss(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, top_k: int | None = None
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """KL(teacher || student) per position, averaged; with top_k the teacher keeps only its k best tokens (renormalised).
+    """KL(teacher || student) per position, averaged (reduction "sum": summed); with top_k the teacher keeps only its
+    k best tokens (renormalised).
 
     Scaled by temperature**2 (Hinton) so the gradient size does not depend on the temperature.
     """
@@ -114,4 +142,4 @@ def kl_loss(
     else:
         logp = F.log_softmax(teacher / temperature, dim=-1)
         kl = (logp.exp() * (logp - s)).sum(-1)
-    return kl.mean() * temperature**2
+    return (kl.sum() if reduction == "sum" else kl.mean()) * temperature**2

@@ -24,9 +24,10 @@ from medusa_toolkit.base_model import load_base_model
 from medusa_toolkit.config import ToolkitConfig
 from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.heads import MedusaHeads
+from medusa_toolkit.medusa_model import BaseHead
 from medusa_toolkit.train import distributed as D
 from medusa_toolkit.train.data import load_data
-from medusa_toolkit.train.losses import MedusaObjective
+from medusa_toolkit.train.losses import MedusaObjective, target_counts
 
 SUMMARY = "training_summary.json"
 KEEP_CHECKPOINTS = 2
@@ -110,36 +111,146 @@ def collate(rows: list[dict], max_len: int, device) -> tuple[torch.Tensor, torch
 
 
 class Teacher:
-    """The frozen base's last hidden states for a batch, optionally cached per sequence (later epochs skip the base)."""
+    """The frozen base's last hidden states for a batch, optionally cached per sequence (later epochs skip the base).
 
-    def __init__(self, base, cache: bool):
+    cache: False, "memory" (a dict in this process) or "disk" (`DiskCache`: memory-mapped files under the run dir,
+    written once, reused across epochs and --resume). Whether a batch skips the base is decided by all ranks together:
+    under ZeRO-3 the base's forward is a collective, so one rank skipping it alone would hang the others.
+    """
+
+    def __init__(self, base, cache=False, disk: DiskCache | None = None):
         self.base, self.decoder = base, base.get_decoder()
-        self.cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self.cache: dict[int, torch.Tensor] | None = {} if cache == "memory" else None
+        self.disk = disk
+        self.hits = self.misses = 0
+        self.hit_s = self.miss_s = 0.0
+
+    def _has(self, i: int) -> bool:
+        return (self.cache is not None and i in self.cache) or (self.disk is not None and self.disk.has(i))
+
+    def _get(self, i: int) -> torch.Tensor:
+        return self.cache[i] if self.cache is not None else self.disk.get(i)
 
     @torch.no_grad()
     def __call__(self, indices: list[int], ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        if self.cache is not None and all(i in self.cache for i in indices):
+        start = time.perf_counter()
+        caching = self.cache is not None or self.disk is not None
+        if caching and D.all_true(all(self._has(i) for i in indices)):
             hidden = ids.new_zeros((*ids.shape, self.base.config.hidden_size), dtype=self.base.dtype)
             for row, i in enumerate(indices):
-                h = self.cache[i][: ids.shape[1]]
-                hidden[row, : h.shape[0]] = h
+                h = self._get(i)[: ids.shape[1]]
+                hidden[row, : h.shape[0]] = h.to(hidden.device)
+            self.hits += 1
+            self.hit_s += time.perf_counter() - start
             return hidden
         hidden = self.decoder(input_ids=ids).last_hidden_state
-        if self.cache is not None:
-            for row, (i, n) in enumerate(zip(indices, lengths)):
+        for row, (i, n) in enumerate(zip(indices, lengths)):
+            if self.cache is not None and i not in self.cache:
                 self.cache[i] = hidden[row, :n].clone()
+            elif self.disk is not None and not self.disk.has(i):
+                self.disk.put(i, hidden[row, :n])
+        if caching:
+            self.misses += 1
+            self.miss_s += time.perf_counter() - start
         return hidden
 
+    def report(self) -> dict:
+        """What the cache did this run (for training_summary.json)."""
+        out = {"batches_from_cache": self.hits, "batches_through_base": self.misses}
+        if self.hits and self.misses:
+            hit, miss = self.hit_s / self.hits, self.miss_s / self.misses
+            out.update(s_per_batch_cached=hit, s_per_batch_base=miss, teacher_speedup=miss / max(hit, 1e-9))
+        if self.disk is not None:
+            out.update(path=str(self.disk.root), bytes=self.disk.nbytes(), sequences_cached=self.disk.count())
+        return out
 
-def build_heads(cfg: ToolkitConfig, base) -> MedusaHeads:
+
+class DiskCache:
+    """Last hidden states of every sequence (train, then held-out), memory-mapped from one file under the run dir.
+
+    Layout of `root`: `meta.json` (the train stage's input hash, dtype, hidden size, per-sequence lengths),
+    `hidden.bin` (all sequences' rows back to back, [sum(lengths), hidden] in the base's dtype) and `written.bin`
+    (one byte per sequence, set after its rows). Any rank writes the sequences it computed (disjoint regions of a
+    shared file; the run dir must be shared between nodes, as for checkpoints). Another hash, dtype or geometry:
+    rank 0 rebuilds it empty.
+    """
+
+    def __init__(self, root: Path, key: str, lengths: list[int], hidden_size: int, dtype: torch.dtype):
+        self.root = Path(root)
+        self.lengths = lengths
+        self.offsets = [0]
+        for n in lengths:
+            self.offsets.append(self.offsets[-1] + n)
+        meta = {"key": key, "dtype": str(dtype), "hidden_size": hidden_size, "lengths_sha": _sha(lengths)}
+        if D.is_main():
+            try:
+                same = json.loads((self.root / "meta.json").read_text()) == meta
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                shutil.rmtree(self.root, ignore_errors=True)
+                self.root.mkdir(parents=True)
+                elem = torch.empty((), dtype=dtype).element_size()
+                with open(self.root / "hidden.bin", "wb") as f:
+                    f.truncate(max(1, self.offsets[-1] * hidden_size * elem))
+                with open(self.root / "written.bin", "wb") as f:
+                    f.truncate(max(1, len(lengths)))
+                (self.root / "meta.json").write_text(json.dumps(meta) + "\n")
+        D.barrier()
+        numel = max(1, self.offsets[-1] * hidden_size)
+        self.data = torch.from_file(str(self.root / "hidden.bin"), shared=True, size=numel, dtype=dtype)
+        self.written = torch.from_file(str(self.root / "written.bin"), shared=True, size=max(1, len(lengths)),
+                                       dtype=torch.uint8)  # fmt: skip
+        self.hidden_size = hidden_size
+
+    def _rows(self, i: int) -> torch.Tensor:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.data[a * self.hidden_size : b * self.hidden_size].view(b - a, self.hidden_size)
+
+    def has(self, i: int) -> bool:
+        return bool(self.written[i])
+
+    def get(self, i: int) -> torch.Tensor:
+        return self._rows(i)
+
+    def put(self, i: int, hidden: torch.Tensor) -> None:
+        self._rows(i).copy_(hidden.detach().to("cpu", self.data.dtype))
+        self.written[i] = 1  # after the rows: a reader never sees the flag before the data
+
+    def count(self) -> int:
+        return int(self.written.sum())
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.iterdir())
+
+
+def _sha(values: list[int]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
+
+
+def make_teacher(cfg: ToolkitConfig, base, run_dir: Path, chash: str, train_ds, eval_ds) -> Teacher:
+    """The Teacher for train.teacher_cache; disk: sequence lengths cut to max_seq_len, as `collate` cuts them."""
+    mode = cfg.train.teacher_cache
+    if mode != "disk":
+        return Teacher(base, mode)
+    max_len = cfg.train.max_seq_len
+    lengths = [min(len(r["input_ids"]), max_len) for ds in (train_ds, eval_ds) for r in ds]
+    disk = DiskCache(Path(run_dir) / "teacher_cache", chash, lengths, base.config.hidden_size, base.dtype)
+    return Teacher(base, False, disk)
+
+
+def build_heads(cfg: ToolkitConfig, base, lm_head_weight: torch.Tensor) -> MedusaHeads:
+    """New heads initialised from the base's (full, gathered) lm_head weight, or heads.init_from's heads."""
     h = cfg.heads
     if h.init_from:
         heads = MedusaHeads.from_pretrained(h.init_from)
-        heads.check_compatible(base)
+        heads.check_compatible(base)  # reads ds_shape under ZeRO-3
         return heads
-    vocab, hidden = base.get_output_embeddings().weight.shape
+    vocab, hidden = lm_head_weight.shape
     heads = MedusaHeads(hidden, vocab, h.num_heads, h.num_layers, h.head_type, cfg.model.name_or_path)
-    heads.init_from_lm_head(base.get_output_embeddings().weight)
+    heads.init_from_lm_head(lm_head_weight)
     return heads.float()
 
 
@@ -167,6 +278,7 @@ class Progress:
     tokens: int = 0  # sequence tokens of the training batches, all ranks
     target_tokens: int = 0  # positions with a head-0 target (trained tokens), all ranks
     train_time_s: float = 0.0  # seconds inside training steps, summed over runs (not loading, not evaluation)
+    epoch_time_s: list[float] = field(default_factory=list)  # the same, per epoch (an epoch: len(train) sequences)
     history: list[dict] = field(default_factory=list)
     window: list[list[float]] | None = None  # per-head stats since the last log line, summed over ranks
     window_tokens: int = 0
@@ -339,6 +451,17 @@ class Setup:
     global_batch: int
     total_steps: int
     config_hash: str
+    counts: dict[int, torch.Tensor] = field(default_factory=dict)  # per sequence: each head's target count
+    zero3_base: Any = None  # ZeRO-3: (HfDeepSpeedConfig, base engine), kept alive for the whole stage
+
+    def step_counts(self, order: list[int], max_len: int) -> torch.Tensor:
+        """Each head's target count over these training sequences [num_heads]."""
+        total = torch.zeros(self.heads.num_heads, dtype=torch.float64)
+        for i in order:
+            if i not in self.counts:
+                self.counts[i] = target_counts([self.train_ds[i]["loss_mask"]], self.heads.num_heads, max_len)
+            total += self.counts[i]
+        return total
 
 
 def setup(cfg: ToolkitConfig, run_dir: Path) -> Setup:
@@ -353,36 +476,114 @@ def setup(cfg: ToolkitConfig, run_dir: Path) -> Setup:
     if len(train_ds) == 0:
         raise TrainError(f"the data artefact in {run_dir / 'data'} has no training sequences; raise data.num_prompts")
     device = D.device() if cfg.model.device is None else torch.device(cfg.model.device)
-    base, _ = load_base_model(cfg.model.name_or_path, cfg.model.dtype, device)
+    micro, accum = batch_geometry(ds_config, D.world_size())
+    base, base_head, zero3_base = load_frozen_base(cfg, ds_config, device)
     torch.manual_seed(t.seed)
-    heads = build_heads(cfg, base)
-    objective = MedusaObjective(
-        heads, base.get_output_embeddings().weight, t.loss, t.head_weight_decay, t.kl_temperature, t.kl_top_k,
-        getattr(base.config, "final_logit_softcapping", None),
-    )  # fmt: skip
+    heads = build_heads(cfg, base, base_head.weight)
+    objective = MedusaObjective(heads, base_head, t.loss, t.head_weight_decay, t.kl_temperature, t.kl_top_k)
 
-    micro = t.micro_batch_size
-    accum = ds_config.get("gradient_accumulation_steps", t.gradient_accumulation_steps)
-    if "train_batch_size" in ds_config:
-        micro = ds_config.get("train_micro_batch_size_per_gpu", micro)
-        accum = ds_config["train_batch_size"] // (micro * D.world_size())
     global_batch = micro * accum * D.world_size()
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(train_ds) / global_batch))
-    params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = scheduler = None
+    groups = param_groups(objective)
+    schedule = lr_lambda(total_steps, t.warmup_ratio, t.min_lr_ratio)
+    optimizer = None
     if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.9, 0.95))
-        if "scheduler" not in ds_config:
-            schedule = lr_lambda(total_steps, t.warmup_ratio, t.min_lr_ratio)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.9, 0.95))
+    scheduler = None
+    if "scheduler" not in ds_config:
+        # Our warmup + cosine, also on an optimizer the JSON defines (DeepSpeed calls this with the optimizer it
+        # built): without it a JSON `optimizer` alone would silently train at a constant learning rate.
+        def scheduler(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
     engine, *_ = deepspeed.initialize(
-        model=objective, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        model=objective, model_parameters=groups, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
-    micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    if (engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()) != (micro, accum):
+        raise TrainError(
+            f"DeepSpeed resolved micro batch {engine.train_micro_batch_size_per_gpu()} x accumulation "
+            f"{engine.gradient_accumulation_steps()}, the data order expects {micro} x {accum}; set both in the JSON"
+        )
     return Setup(
-        engine, heads, Teacher(base, t.teacher_cache), train_ds, eval_ds, device, micro, accum, global_batch,
-        total_steps, chash,
+        engine, heads, make_teacher(cfg, base, run_dir, chash, train_ds, eval_ds), train_ds, eval_ds, device, micro,
+        accum, global_batch, total_steps, chash, zero3_base=zero3_base,
     )  # fmt: skip
+
+
+def load_frozen_base(cfg: ToolkitConfig, ds_config: dict, device) -> tuple[Any, BaseHead, Any]:
+    """The frozen base, its `BaseHead` (a private full copy of lm_head for the loss), and under ZeRO-3 the objects
+    that keep it partitioned (else None).
+
+    ZeRO-3: the base is loaded partitioned across ranks at from_pretrained (transformers partitions under zero.Init
+    while an `HfDeepSpeedConfig` is alive; it holds only a weak reference, so we keep it until the stage ends) and
+    wrapped in a DeepSpeed engine without optimizer that gathers each layer's parameters for its forward, as TRL does
+    for reference models. Per-rank memory for the base is ~1/world. The partition dtype follows the DeepSpeed config's
+    bf16/fp16 section, so it is set from model.dtype here (not from train.precision, which is the heads').
+    """
+    zero = ds_config.get("zero_optimization", {})
+    if int(zero.get("stage", 0)) != 3:
+        base, _ = load_base_model(cfg.model.name_or_path, cfg.model.dtype, device)
+        return base, BaseHead.of(base, frozen_copy=True), None
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dtype = str(cfg.model.dtype).removeprefix("torch.")
+    base_ds = {
+        # deepspeed.initialize requires a batch size even without an optimizer
+        "train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
+        "zero_optimization": {k: v for k, v in zero.items() if k not in ("offload_optimizer",)},
+        "bf16": {"enabled": dtype in ("bfloat16", "bf16")},
+        "fp16": {"enabled": dtype in ("float16", "fp16", "half")},
+        "steps_per_print": 10**9,
+    }
+    keep = HfDeepSpeedConfig(base_ds)  # alive while from_pretrained runs, and after (see Setup.zero3_base)
+    base, _ = load_base_model(cfg.model.name_or_path, cfg.model.dtype, device)
+    base_engine, *_ = deepspeed.initialize(model=base, config=base_ds)
+    base_engine.eval()
+    lm_head = base.get_output_embeddings()
+    gather = [lm_head.weight] + ([lm_head.bias] if getattr(lm_head, "bias", None) is not None else [])
+    with deepspeed.zero.GatheredParameters(gather, modifier_rank=None):
+        base_head = BaseHead.of(base, frozen_copy=True)  # the loss's frozen projection and the heads' init
+    return base, base_head, (keep, base_engine)
+
+
+def end_zero3_base(s: Setup) -> None:
+    """Drop the ZeRO-3 base's DeepSpeed config: later from_pretrained calls in this process load unpartitioned."""
+    if s.zero3_base is not None:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        s.zero3_base = None
+
+
+def batch_geometry(ds_config: dict, world: int) -> tuple[int, int]:
+    """(micro batch per rank, accumulation steps) of the merged DeepSpeed config, written back into it explicitly so
+    DeepSpeed and our data order use the same numbers (a JSON setting only the micro batch must not leave our
+    micro batch sizing the step while DeepSpeed slices it with its own)."""
+    micro = int(ds_config["train_micro_batch_size_per_gpu"])
+    if "train_batch_size" in ds_config:
+        total = int(ds_config["train_batch_size"])
+        accum = int(ds_config.get("gradient_accumulation_steps") or max(1, total // (micro * world)))
+        if micro * accum * world != total:
+            raise TrainError(
+                f"DeepSpeed train_batch_size {total} != micro batch {micro} x accumulation {accum} x {world} ranks; "
+                "fix train_batch_size / train_micro_batch_size_per_gpu / gradient_accumulation_steps in the JSON"
+            )
+    else:
+        accum = int(ds_config.get("gradient_accumulation_steps", 1))
+    ds_config.update(
+        train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, train_batch_size=micro * accum * world
+    )
+    return micro, accum
+
+
+def param_groups(module: torch.nn.Module) -> list[dict]:
+    """Trainable parameters in two groups: matrices (weight decay) and biases / 1-D tensors (never decayed)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
 def train_step(s: Setup, cfg: ToolkitConfig, progress: Progress) -> None:
@@ -390,18 +591,27 @@ def train_step(s: Setup, cfg: ToolkitConfig, progress: Progress) -> None:
     start = time.perf_counter()
     world, rank, micro = D.world_size(), D.rank(), s.micro
     order = data_order(len(s.train_ds), cfg.train.seed, progress.step * s.global_batch, s.global_batch)
+    # Every target token of the step weighs the same: each head's loss is summed and divided by the step's target
+    # count over all micro-batches and ranks (every rank knows the whole step's order, so no collective is needed).
+    # DeepSpeed divides by the accumulation steps (backward) and averages over ranks (gradient reduce): undo both.
+    norm = s.step_counts(order, cfg.train.max_seq_len)
+    scale = s.accum * world
     stats, tokens = None, 0
     for m in range(s.accum):
         chunk = order[(m * world + rank) * micro : (m * world + rank + 1) * micro]
         ids, mask, lengths = collate([s.train_ds[i] for i in chunk], cfg.train.max_seq_len, s.device)
         hidden = s.teacher(chunk, ids, lengths)
-        loss, micro_stats = s.engine(hidden, ids, mask)
-        s.engine.backward(loss)
+        loss, micro_stats = s.engine(hidden, ids, mask, norm)
+        s.engine.backward(loss * scale)
         s.engine.step()
         stats = micro_stats if stats is None else stats + micro_stats
         tokens += sum(lengths)
     progress.step += 1
-    progress.add(stats, tokens, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    epoch = (progress.step - 1) * s.global_batch // len(s.train_ds)
+    progress.epoch_time_s.extend([0.0] * (epoch + 1 - len(progress.epoch_time_s)))
+    progress.epoch_time_s[epoch] += seconds
+    progress.add(stats, tokens, seconds)
 
 
 def log_and_evaluate(s: Setup, cfg: ToolkitConfig, progress: Progress, wandb_run, bar) -> None:
@@ -428,6 +638,7 @@ def save_heads(
     s: Setup, cfg: ToolkitConfig, progress: Progress, out_dir: Path | None, start_time: float
 ) -> MedusaHeads:
     """The trained heads (gathered under ZeRO-3) as float32; rank 0 writes them with the summary, metrics and plot."""
+    teacher_report = s.teacher.report()
     with _gathered(s.engine):
         final = MedusaHeads(**_heads_args(s.heads))
         final.load_state_dict({k: v.detach().float().cpu() for k, v in s.heads.state_dict().items()})
@@ -450,7 +661,10 @@ def save_heads(
             "train_time_s": progress.train_time_s,
             "wall_time_s_this_run": time.time() - start_time,
             "config_hash": s.config_hash,
+            "epoch_train_time_s": progress.epoch_time_s,
         }
+        if cfg.train.teacher_cache:
+            summary["teacher_cache"] = {"mode": cfg.train.teacher_cache, **teacher_report}
         (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in progress.history))
         _plot(progress.history, s.heads.num_heads, out_dir / "accuracy.png")
@@ -467,29 +681,32 @@ def train(cfg: ToolkitConfig, run_dir: Path, out_dir: Path | None) -> MedusaHead
     D.init_distributed()
     run_dir, t, start_time = Path(run_dir), cfg.train, time.time()
     s = setup(cfg, run_dir)
-    progress = (load_checkpoint(s.engine, run_dir, s.config_hash) if t.resume else None) or Progress()
-    if progress.step and D.is_main():
-        print(f"[train] resumed from step {progress.step} of {s.total_steps}")
-    wandb_run = _wandb(cfg, run_dir, s.config_hash)
-    bar = tqdm(total=s.total_steps, initial=progress.step, unit="step", desc="train",
-               disable=not D.is_main() or not cfg.logging.progress)  # fmt: skip
-    while progress.step < s.total_steps:
-        train_step(s, cfg, progress)
-        done = progress.step
-        if done % t.log_every == 0 or done == s.total_steps:
-            log_and_evaluate(s, cfg, progress, wandb_run, bar)
-        bar.update(1)
-        if done % t.checkpoint_every == 0 and done < s.total_steps:
-            save_checkpoint(s.engine, run_dir, progress, s.config_hash, s.total_steps)
-    bar.close()
-    if D.is_main() and _checkpoint_dir(run_dir).exists():  # finished: nothing left to resume
-        (_checkpoint_dir(run_dir) / RUN_FILE).write_text(
-            json.dumps({"config_hash": s.config_hash, "step": s.total_steps, "total_steps": s.total_steps}) + "\n"
-        )
-    final = save_heads(s, cfg, progress, out_dir, start_time)
-    if wandb_run is not None:
-        wandb_run.finish()
-    D.barrier()
+    try:
+        progress = (load_checkpoint(s.engine, run_dir, s.config_hash) if t.resume else None) or Progress()
+        if progress.step and D.is_main():
+            print(f"[train] resumed from step {progress.step} of {s.total_steps}")
+        wandb_run = _wandb(cfg, run_dir, s.config_hash)
+        bar = tqdm(total=s.total_steps, initial=progress.step, unit="step", desc="train",
+                   disable=not D.is_main() or not cfg.logging.progress)  # fmt: skip
+        while progress.step < s.total_steps:
+            train_step(s, cfg, progress)
+            done = progress.step
+            if done % t.log_every == 0 or done == s.total_steps:
+                log_and_evaluate(s, cfg, progress, wandb_run, bar)
+            bar.update(1)
+            if done % t.checkpoint_every == 0 and done < s.total_steps:
+                save_checkpoint(s.engine, run_dir, progress, s.config_hash, s.total_steps)
+        bar.close()
+        if D.is_main() and _checkpoint_dir(run_dir).exists():  # finished: nothing left to resume
+            (_checkpoint_dir(run_dir) / RUN_FILE).write_text(
+                json.dumps({"config_hash": s.config_hash, "step": s.total_steps, "total_steps": s.total_steps}) + "\n"
+            )
+        final = save_heads(s, cfg, progress, out_dir, start_time)
+        if wandb_run is not None:
+            wandb_run.finish()
+        D.barrier()
+    finally:
+        end_zero3_base(s)
     return final
 
 
