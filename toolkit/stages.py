@@ -33,7 +33,7 @@ from medusa_toolkit.version import __version__
 
 MANIFEST = "manifest.json"
 # Config keys that steer how a stage runs but not what it produces; they never invalidate a cached artefact.
-NOT_INPUTS = {("train", "resume"), ("logging", "progress")}
+NOT_INPUTS = {("train", "resume"), ("train", "teacher_cache"), ("logging", "progress")}
 
 
 @dataclass(frozen=True)
