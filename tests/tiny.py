@@ -166,3 +166,35 @@ def tiny_model_dir(path: Path, seed: int = 0, chat_template: bool = True, max_po
     base = tiny_base("llama", seed, vocab=BYTE_VOCAB, eos=EOS)
     base.config.max_position_embeddings = max_positions
     return save_model_dir(base, path, chat_template)
+
+
+def char_model_dir(path: Path, seed: int = 0) -> Path:
+    """A tiny random Llama with a character-level tokenizer and a chat template, saved as a HF folder: decode and
+    encode round-trip exactly, so a server's text gives back the very ids the model generated."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # every character is its own token
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", additional_special_tokens=["<|im_start|>", "</s>"])  # fmt: skip
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    eos, bos = vocab["<|im_end|>"], vocab["<s>"]
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(8)  # peaked: replies end (EOS) within a few dozen tokens now and then
+    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return Path(path)

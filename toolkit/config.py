@@ -95,6 +95,15 @@ class DataConfig(Section):
     # dtype the base generates the responses in; auto: bfloat16 where the CPU has AMX bf16 tiles (amx_bf16) or the GPU
     # supports it, else model.dtype; null: model.dtype. Verification always runs in verify.dtype.
     generation_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    # Who writes the responses: hf (the base in-process, generate()) or openai (any OpenAI-compatible server: vLLM,
+    # SGLang, TGI, `transformers serve`, at `endpoint`, serving `engine_model`; API key from the environment variable
+    # `api_key_env`; `concurrency` requests in flight, each with `request_timeout` seconds and retries with backoff).
+    engine: Literal["hf", "openai"] = "hf"
+    endpoint: str | None = None
+    engine_model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: PositiveInt = 8
+    request_timeout: Annotated[Float, Field(gt=0.0)] = 120.0
     num_prompts: PositiveInt = 256
     use_chat_template: StrictBool = True
     system_prompt: str | None = None

@@ -150,7 +150,7 @@ def generate_batch(model, tokenizer, batch: list[list[int]], cfg: ToolkitConfig,
     return responses
 
 
-def _shard_rows(cfg, model, tokenizer, items: list[tuple[int, Conversation]], pad_id, bar) -> tuple[dict, dict]:
+def _shard_rows(cfg, tokenizer, items: list[tuple[int, Conversation]], respond, bar) -> tuple[dict, dict]:
     """Regenerate every assistant turn of a shard's conversations, a turn at a time over the whole shard.
 
     A row holds the exact ids the base saw and wrote: turn k's context is the template rendering of turns < k with the
@@ -177,7 +177,7 @@ def _shard_rows(cfg, model, tokenizer, items: list[tuple[int, Conversation]], pa
         for start in range(0, len(order), d.batch_size):
             chunk = order[start : start + d.batch_size]
             t0 = time.time()
-            responses = generate_batch(model, tokenizer, [contexts[i] for i in chunk], cfg, pad_id)
+            responses = respond([contexts[i] for i in chunk])
             for i, resp in zip(chunk, responses):
                 ctx = contexts[i]
                 if not resp:
@@ -209,6 +209,27 @@ def _shard_rows(cfg, model, tokenizer, items: list[tuple[int, Conversation]], pa
     return rows, stats
 
 
+class _BaseMetadata:
+    """What the data stage needs of a base served elsewhere: its config and generation config (no weights)."""
+
+    def __init__(self, config, generation_config):
+        self.config, self.generation_config = config, generation_config
+
+
+def base_model_metadata(name_or_path: str):
+    """(config + generation config holder, tokenizer) of a base, without loading its weights."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from medusa_toolkit.base_model import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    try:
+        generation = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation = GenerationConfig()
+    return _BaseMetadata(AutoConfig.from_pretrained(path), generation), AutoTokenizer.from_pretrained(path)
+
+
 def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     """Generate (or continue generating) the self-distillation dataset into `out_dir`."""
     import datasets
@@ -216,9 +237,19 @@ def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     start = time.time()
     d = cfg.data
     dtype = resolve_generation_dtype(cfg.data.generation_dtype, cfg.model.dtype)
-    model, tokenizer = load_base_model(
-        cfg.model.name_or_path, dtype, D.device() if cfg.model.device is None else cfg.model.device
-    )
+    engine = None
+    if d.engine == "openai":  # the server holds the weights: here only the tokenizer and configs are needed
+        model, tokenizer = base_model_metadata(cfg.model.name_or_path)
+        if any(src.source == "self" for src in d.sources):
+            raise DataError("data source 'self' writes prompts with the in-process base; use data.engine: hf for it")
+        from medusa_toolkit.train.engine import OpenAIEngine
+
+        engine = OpenAIEngine(cfg, tokenizer, special_tokens.eos_ids(model))
+        dtype = "(engine)"
+    else:
+        model, tokenizer = load_base_model(
+            cfg.model.name_or_path, dtype, D.device() if cfg.model.device is None else cfg.model.device
+        )
     context = getattr(model.config, "max_position_embeddings", None) or 10**9
     limit = min(d.max_prompt_tokens, context - d.max_new_tokens)
     if limit < 1:
@@ -259,6 +290,11 @@ def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
         )
     pad_id = special_tokens.pad_token_id(model, tokenizer)  # left padding is masked out: any id gives the same text
 
+    def respond(contexts: list[list[int]]) -> list[list[int]]:
+        if engine is not None:
+            return engine.generate(contexts)
+        return generate_batch(model, tokenizer, contexts, cfg, pad_id)  # looked up at call time: tests count calls
+
     # Shards cut the source order (skipped prompts keep their place), so a shard is the same on every rerun.
     size = d.shard_size
     num_shards = (len(convos) + size - 1) // size
@@ -273,7 +309,7 @@ def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     for s in todo:
         torch.manual_seed(d.seed * 100_003 + s)  # per-shard seed: same data for any world size / resume
         t0 = time.time()
-        rows, stats = _shard_rows(cfg, model, tokenizer, shard_items[s], pad_id, bar)
+        rows, stats = _shard_rows(cfg, tokenizer, shard_items[s], respond, bar)
         gen_time += time.time() - t0
         tokens += sum(sum(m) for m in rows["loss_mask"]) if not d.train_on_prompt else sum(map(len, rows["input_ids"]))
         tmp = parts / f".shard-{s:05d}.tmp-{D.rank()}"
@@ -285,6 +321,7 @@ def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     D.barrier()
     if D.is_main():
         extra = {"sources": report, "generation_dtype": dtype}
+        extra["engine"] = engine.summary() if engine is not None else {"engine": "hf"}
         _merge(cfg, parts, num_shards, out_dir, skipped, len(convos), tokens, gen_time, start, extra)
         shutil.rmtree(parts, ignore_errors=True)
     D.barrier()

@@ -1,0 +1,156 @@
+"""Self-distillation through a serving engine: the data stage's responses from any OpenAI-compatible server.
+
+A 7B-70B base answers tens of thousands of prompts in days with `generate()` in-process and in hours behind vLLM,
+SGLang, TGI or `transformers serve`: `data.engine: openai` sends every rendered context to `data.endpoint`'s
+`/completions` (bounded concurrency, per-request timeout, retries with backoff on connection errors, 5xx and 429).
+
+Token ids. The heads must learn the ids the model generated. The engine's own ids are used where the API returns them
+(vLLM's `return_token_ids`: `choices[0].token_ids`); a server that rejects that field (transformers serve answers 422)
+is asked again without it, and its text is re-tokenized: the end-of-turn token, which servers strip from the text, is
+put back when the server says it stopped there (`finish_reason: stop`, or a completion one token longer than the
+re-tokenized text). How often re-tokenizing was needed, and how often it disagreed with the server's own token count,
+is counted in the data summary. The prompt goes as text (what every engine accepts): where the tokenizer does not
+give the same ids back for it, that is counted too.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+from medusa_toolkit.errors import ToolkitError
+
+RETRIES = 4
+
+
+class EngineError(ToolkitError, RuntimeError):
+    """The serving engine cannot answer (unreachable, refuses the model, bad request); the message names the fix."""
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    retries: int = 0
+    engine_token_ids: int = 0  # responses whose ids came from the engine
+    retokenized: int = 0  # responses rebuilt from text
+    retokenization_mismatch: int = 0  # of those: the server counted another number of tokens
+    prompt_roundtrip_mismatch: int = 0  # prompts whose text does not tokenize back to the same ids
+    empty: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+class OpenAIEngine:
+    """A client of one OpenAI-compatible endpoint, for greedy or sampled completions of token-id contexts."""
+
+    def __init__(self, cfg, tokenizer, eos: list[int]):
+        import httpx
+
+        d = cfg.data
+        if not d.endpoint:
+            raise EngineError("data.engine: openai needs data.endpoint, e.g. http://127.0.0.1:8000/v1")
+        self.url = d.endpoint.rstrip("/") + "/completions"
+        self.model = d.engine_model or cfg.model.name_or_path
+        self.tokenizer, self.eos = tokenizer, eos
+        self.max_tokens, self.temperature, self.top_p = d.max_new_tokens, d.temperature, d.top_p
+        self.concurrency, self.timeout = d.concurrency, d.request_timeout
+        key = os.environ.get(d.api_key_env)
+        self.client = httpx.Client(timeout=d.request_timeout, headers={"Authorization": f"Bearer {key}"} if key else {})
+        self.ask_for_ids = True  # dropped after the first server that refuses the field
+        self.stats = EngineStats()
+        self.lock = threading.Lock()  # requests run in threads; the counts are shared
+
+    def _count(self, **increments: int) -> None:
+        with self.lock:
+            for name, n in increments.items():
+                setattr(self.stats, name, getattr(self.stats, name) + n)
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.url).netloc
+
+    def _post(self, body: dict) -> dict:
+        """One request, retried on connection errors, 5xx and 429; any other HTTP error is an EngineError."""
+        import httpx
+
+        for attempt in range(RETRIES + 1):
+            try:
+                response = self.client.post(self.url, json=body)
+            except httpx.TransportError as e:
+                if attempt == RETRIES:
+                    raise EngineError(
+                        f"the engine at {self.host} is unreachable ({type(e).__name__}), also after {RETRIES} retries; "
+                        "start it or fix data.endpoint (finished shards are kept: rerun to continue)"
+                    ) from None
+            else:
+                if response.status_code < 300:
+                    return response.json()
+                if response.status_code == 422 and "return_token_ids" in response.text and "return_token_ids" in body:
+                    self.ask_for_ids = False  # transformers serve: no such field; ask for text only
+                    body = {k: v for k, v in body.items() if k != "return_token_ids"}
+                    continue
+                if response.status_code < 500 and response.status_code != 429:
+                    raise EngineError(
+                        f"the engine at {self.host} refused the request ({response.status_code}: "
+                        f"{response.text.strip()[:300]}); check data.engine_model ({self.model!r}) and the server"
+                    )
+                if attempt == RETRIES:
+                    raise EngineError(f"the engine at {self.host} kept failing ({response.status_code}) after retries")
+            self._count(retries=1)
+            time.sleep(min(0.5 * 2**attempt, 8.0))
+        raise AssertionError("unreachable")
+
+    def _one(self, context: list[int]) -> list[int]:
+        text = self.tokenizer.decode(context, skip_special_tokens=False)
+        if self.tokenizer(text, add_special_tokens=False)["input_ids"] != context:
+            self._count(prompt_roundtrip_mismatch=1)
+        body = {"model": self.model, "prompt": text, "max_tokens": self.max_tokens, "temperature": self.temperature}
+        if self.top_p < 1.0:
+            body["top_p"] = self.top_p
+        if self.ask_for_ids:
+            body["return_token_ids"] = True
+        answer = self._post(body)
+        self._count(requests=1)
+        choices = answer.get("choices") or []
+        if not choices:
+            self._count(empty=1)
+            return []
+        choice = choices[0]
+        if isinstance(choice.get("token_ids"), list):
+            self._count(engine_token_ids=1)
+            ids = [int(t) for t in choice["token_ids"]]
+        else:
+            ids = self.tokenizer(choice.get("text") or "", add_special_tokens=False)["input_ids"]
+            counted = (answer.get("usage") or {}).get("completion_tokens")
+            stopped = choice.get("finish_reason") == "stop" or (counted is not None and counted == len(ids) + 1)
+            if stopped and self.eos and (not ids or ids[-1] not in self.eos):
+                ids = ids + [self.eos[0]]  # servers strip the end-of-turn token from the text
+            self._count(retokenized=1, retokenization_mismatch=int(counted is not None and counted != len(ids)))
+        stop = next((i for i, t in enumerate(ids) if t in self.eos), None)
+        ids = ids if stop is None else ids[: stop + 1]
+        if not ids:
+            self._count(empty=1)
+        return ids[: self.max_tokens]
+
+    def generate(self, contexts: list[list[int]]) -> list[list[int]]:
+        """Responses for a batch of contexts, `data.concurrency` requests in flight at a time."""
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            out = list(pool.map(self._one, contexts))
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    def summary(self) -> dict:
+        """What the data summary records: engine, host (never a key), sampling, and the token-id statistics."""
+        s = self.stats
+        return {
+            "engine": "openai", "endpoint_host": self.host, "model": self.model,
+            "sampling": {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens},
+            "requests": s.requests, "retries": s.retries, "engine_token_ids": s.engine_token_ids,
+            "retokenized": s.retokenized, "retokenization_mismatch": s.retokenization_mismatch,
+            "prompt_roundtrip_mismatch": s.prompt_roundtrip_mismatch, "empty_responses": s.empty,
+        }  # fmt: skip
