@@ -74,7 +74,7 @@ def main() -> None:
                 tps, summary = data_tokens_per_s(cfg, Path(tmp) / name.split()[0])
                 rows.append((name, tps, summary.get("engine", {})))
         print(f"{args.prompts} chitchat prompts x <= {args.new} new tokens, greedy, float32")
-        for name, tps, engine in rows:
+        for name, tps, _ in rows:
             print(f"{name:<52} {tps:8.1f} response tokens/s  {tps / rows[0][1]:5.2f}x")
         e = rows[1][2]
         print(f"engine: {e.get('requests')} requests, {e.get('retokenized')} re-tokenized, "
