@@ -187,10 +187,6 @@ def cache_status(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> tuple[bool,
     return True, ""
 
 
-def is_cached(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> bool:
-    return cache_status(cfg, stage, Path(run_dir))[0]
-
-
 def _replace(tmp: Path, final: Path) -> None:
     """Move a finished artefact into place; the folder it replaces may hold only files an earlier run wrote."""
     if final.exists():
