@@ -149,6 +149,86 @@ def test_multi_turn_conversations_are_regenerated_turn_by_turn(tmp_path, monkeyp
     assert summary["turns_regenerated"] == 3 and summary["retokenization_mismatches"] == 0
 
 
+def test_recorded_conversations_keep_their_text_and_learn_the_base_argmax(tmp_path, monkeypatch):
+    """regenerate: false keeps the recorded turns, runs no generation, masks exactly the assistant turns, and labels
+    each position with the base's greedy next token after the recorded prefix (token ids, against unpadded forwards);
+    the trainer's targets are those labels."""
+    base, tok = ascii_talker(seed=3, eos_bias=-1.0)
+    model_dir = tmp_path / "model"
+    base.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    monkeypatch.setattr(data_mod, "load_base_model", lambda *a, **k: (base, tok))
+    monkeypatch.setattr(data_mod, "generate_batch", lambda *a, **k: pytest.fail("regenerate: false must not generate"))
+    convs = tmp_path / "sharegpt.jsonl"
+    records = [
+        {"conversations": [{"from": "gpt", "value": "dropped: no user before it"}, {"from": "human", "value": "abc"},
+                           {"from": "gpt", "value": "KEPT one"}, {"from": "human", "value": "def"},
+                           {"from": "gpt", "value": "KEPT two"}, {"from": "human", "value": "unanswered"}]},
+        {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "ghi"},
+                      {"role": "assistant", "content": "KEPT three, longer than the others"}]},
+    ]  # fmt: skip
+    convs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    raw = base_config(model_dir)
+    raw["data"].update(sources=[{"source": "conversations", "path": str(convs), "regenerate": False}], num_prompts=2,
+                       eval_fraction=0.0)  # fmt: skip
+    cfg = config_from_dict(raw)
+    run_pipeline(cfg, tmp_path / "run", ["data"])
+    rows = {r["prompt_index"]: r for r in datasets.load_from_disk(str(tmp_path / "run" / "data"))}
+    expected = {0: (["abc", "def"], ["KEPT one", "KEPT two"]), 1: (["ghi"], ["KEPT three, longer than the others"])}
+    for index, (users, replies) in expected.items():
+        row, messages, spans = rows[index], [], 0
+        assert row["turns"] == len(replies)
+        for user, reply in zip(users, replies):
+            messages.append({"role": "user", "content": user})
+            start = len(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+            messages.append({"role": "assistant", "content": reply})
+            end = len(tok.apply_chat_template(messages, tokenize=True)["input_ids"])
+            assert tok.decode(row["input_ids"][start:end]).startswith(reply)  # the recorded text, not the base's
+            assert all(row["loss_mask"][start:end])
+            spans += end - start
+        assert sum(row["loss_mask"]) == spans  # only assistant turns are trained on
+        with torch.no_grad():
+            argmax = base(torch.tensor([row["input_ids"]])).logits[0].argmax(-1).tolist()
+        assert row["labels"][1:] == argmax[:-1]  # the base's own next token after every recorded prefix
+        assert row["labels"] != row["input_ids"]
+    summary = json.loads((tmp_path / "run" / "data" / "data_summary.json").read_text())
+    assert summary["turns_kept_as_recorded"] == 3 and summary["turns_regenerated"] == 0
+    assert summary["generated_tokens_this_run_rank0"] == 0 and summary["text_tokens_this_run_rank0"] > 0
+
+    from medusa_toolkit.train.trainer import collate
+
+    ids, targets, mask, _ = collate([rows[0], rows[1]], 512, "cpu")
+    assert targets[0, : len(rows[0]["labels"])].tolist() == rows[0]["labels"] and not torch.equal(ids, targets)
+
+
+def test_regenerate_false_needs_recorded_turns_and_the_base_in_process(tmp_path):
+    from medusa_toolkit.config import ConfigError
+    from medusa_toolkit.stages import check_inputs
+
+    model_dir = tiny_model_dir(tmp_path / "model")
+    raw = base_config(model_dir)
+    raw["data"]["sources"] = [{"source": "builtin", "regenerate": False}]
+    with pytest.raises(ConfigError, match="chitchat or conversations"):
+        check_inputs(config_from_dict(raw), ["data"])
+    raw["data"].update(sources=[{"source": "chitchat", "regenerate": False}], engine="openai",
+                       endpoint="http://127.0.0.1:9/v1")  # fmt: skip
+    with pytest.raises(ConfigError, match="engine: hf"):
+        check_inputs(config_from_dict(raw), ["data"])
+
+
+def test_chitchat_conversations_alternate_and_open_with_the_training_prompts():
+    from medusa_toolkit.prompts import chitchat_conversations, chitchat_prompts, user_reply_pairs
+
+    convs = chitchat_conversations("train")
+    assert [c[0][1] for c in convs] == chitchat_prompts("train")
+    pairs = [user_reply_pairs(c) for c in convs[:50]]
+    assert all(len(u) == len(r) for u, r in pairs) and sum(len(u) for u, _ in pairs) > 200
+    assert all(len(c) == 1 for c, (u, _) in zip(convs, pairs) if not u)  # only unanswered openers give no pair
+    users, replies = user_reply_pairs([("assistant", "x"), ("user", "a"), ("user", "b"), ("assistant", "c"),
+                                       ("user", "d")])  # fmt: skip
+    assert (users, replies) == (["a\nb"], ["c"])
+
+
 def test_eval_set_covers_four_domains_never_used_for_training():
     pairs = eval_prompts()
     assert {d for d, _ in pairs} == set(EVAL_DOMAINS)

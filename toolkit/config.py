@@ -87,6 +87,11 @@ class PromptSource(Section):
     temperature: Annotated[Float, Field(gt=0.0)] = 1.0
     top_p: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.95
     max_tokens: PositiveInt = 96
+    # chitchat and conversations only. true: the base writes every assistant turn itself (generation). false: keep the
+    # recorded conversation (chitchat: both speakers' turns) and train on the base's greedy next token at every
+    # assistant position, from ONE forward over the text: no generation, several times more targets per CPU-minute,
+    # but on text the base did not write (benchmarks/RESULTS.md, "Text without generation", measures both).
+    regenerate: StrictBool = True
 
 
 class DataConfig(Section):

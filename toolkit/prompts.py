@@ -31,23 +31,53 @@ class PromptError(ToolkitError, ValueError):
     """Prompts could not be loaded; the message names the source and the fix."""
 
 
-def chitchat_prompts(split: str = "train") -> list[str]:
-    """Opening turns of the `chitchat-dataset` conversations; the last 10% (by conversation id) are held out."""
+Turn = tuple[str, str]  # (role, text), role "user" or "assistant"
+
+
+def chitchat_conversations(split: str = "train") -> list[list[Turn]]:
+    """The `chitchat-dataset` conversations as (role, text) turns: whoever speaks first is the user, the other speaker
+    the assistant, one turn per group of consecutive messages; the last 10% (by conversation id) are held out."""
     if split not in ("train", "heldout", "all"):
         raise PromptError(f"chitchat split {split!r} is unknown; use 'train', 'heldout' or 'all'")
     spec = importlib.util.find_spec("chitchat_dataset")
     if spec is None or not spec.submodule_search_locations:
         raise PromptError("the chitchat prompts need the 'chitchat-dataset' package: pip install chitchat-dataset")
     data = json.loads((Path(next(iter(spec.submodule_search_locations))) / "dataset.json").read_text())
-    prompts = []
+    conversations = []
     for key in sorted(data):
-        messages = data[key].get("messages") or []
-        if messages and messages[0]:
-            text = " ".join(m["text"].strip() for m in messages[0] if m.get("text", "").strip())
+        groups = data[key].get("messages") or []
+        if not groups or not groups[0]:
+            continue  # no opener
+        user = groups[0][0].get("sender")  # whoever opens the conversation plays the user
+        turns = []
+        for group in groups:
+            text = " ".join(m["text"].strip() for m in group if m.get("text", "").strip())
             if text:
-                prompts.append(text)
-    cut = int(len(prompts) * (1 - HELDOUT_FRACTION))
-    return {"train": prompts[:cut], "heldout": prompts[cut:], "all": prompts}[split]
+                turns.append(("user" if group[0].get("sender") == user else "assistant", text))
+        if turns and turns[0][0] == "user":
+            conversations.append(turns)
+    cut = int(len(conversations) * (1 - HELDOUT_FRACTION))
+    return {"train": conversations[:cut], "heldout": conversations[cut:], "all": conversations}[split]
+
+
+def chitchat_prompts(split: str = "train") -> list[str]:
+    """Opening turns of the `chitchat-dataset` conversations (same split as `chitchat_conversations`)."""
+    return [turns[0][1] for turns in chitchat_conversations(split)]
+
+
+def user_reply_pairs(turns: list[Turn]) -> tuple[list[str], list[str]]:
+    """A recorded conversation as alternating user turns and the assistant replies to them: consecutive turns of one
+    role are joined by a newline, an assistant turn before the first user turn and a last unanswered user turn are
+    dropped. len(users) == len(replies)."""
+    merged: list[list] = []
+    for role, text in turns:
+        if merged and merged[-1][0] == role:
+            merged[-1][1] += "\n" + text
+        elif merged or role == "user":
+            merged.append([role, text])
+    if merged and merged[-1][0] == "user":
+        merged.pop()
+    return [t for r, t in merged if r == "user"], [t for r, t in merged if r == "assistant"]
 
 
 def file_prompts(path: str | Path, field: str = "prompt") -> list[str]:
@@ -136,9 +166,12 @@ def interleave_domains(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
-def load_conversations(path: str | None, field: str = "conversations", split: str = "train") -> list[list[str]]:
-    """The user turns of multi-turn records (ShareGPT `conversations`: from/value, or `messages`: role/content) from a
-    jsonl/json file or a `datasets` name; the assistant turns are dropped (the base regenerates them)."""
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant"}
+
+
+def load_conversations(path: str | None, field: str = "conversations", split: str = "train") -> list[list[Turn]]:
+    """Multi-turn records (ShareGPT `conversations`: from/value, or `messages`: role/content) from a jsonl/json file or
+    a `datasets` name, as (role, text) user and assistant turns (other roles, e.g. system, are dropped)."""
     if not path:
         raise PromptError("prompt source 'conversations' needs a path: a jsonl/json file or a datasets name")
     if Path(path).suffix in (".jsonl", ".json", ".parquet", ".csv") or Path(path).exists():
@@ -169,14 +202,14 @@ def load_conversations(path: str | None, field: str = "conversations", split: st
             turns = row.get("conversations", row.get("messages"))
         if not isinstance(turns, list):
             raise PromptError(f"{path}: record {n} has no list of turns in field {field!r} (ShareGPT or messages)")
-        users = []
+        kept = []
         for t in turns:
-            role = str(t.get("from", t.get("role", ""))).lower()
+            role = ROLES.get(str(t.get("from", t.get("role", ""))).lower())
             text = t.get("value", t.get("content", ""))
-            if role in ("human", "user") and isinstance(text, str) and text.strip():
-                users.append(text)
-        if users:
-            out.append(users)
+            if role and isinstance(text, str) and text.strip():
+                kept.append((role, text))
+        if any(role == "user" for role, _ in kept):
+            out.append(kept)
     if not out:
         raise PromptError(f"{path}: no conversation with a user turn")
     return out

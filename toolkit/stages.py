@@ -267,6 +267,16 @@ def check_inputs(cfg: ToolkitConfig, stages: list[str]) -> None:
     if "data" in stages:
         for src in d.sources:
             check_prompt_source(src.source, src.path, "data")
+            if not src.regenerate and src.source not in ("chitchat", "conversations"):
+                raise ConfigError(
+                    f"data.sources: regenerate: false keeps recorded assistant turns, and source {src.source!r} has "
+                    "none; use it with chitchat or conversations, or drop it"
+                )
+        if d.engine == "openai" and any(not src.regenerate for src in d.sources):
+            raise ConfigError(
+                "data.sources: regenerate: false takes the base's next tokens from a forward pass in this process, "
+                "which data.engine: openai does not load; use data.engine: hf for that source"
+            )
     if "train" in stages and t.deepspeed.config_file:
         path = Path(t.deepspeed.config_file).expanduser()
         if not path.is_file():

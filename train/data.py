@@ -25,7 +25,14 @@ from medusa_toolkit import special_tokens
 from medusa_toolkit.base_model import load_base_model, resolve_generation_dtype
 from medusa_toolkit.config import ToolkitConfig
 from medusa_toolkit.errors import ToolkitError
-from medusa_toolkit.prompts import PromptError, load_conversations, load_prompts, render_prompt
+from medusa_toolkit.prompts import (
+    PromptError,
+    chitchat_conversations,
+    load_conversations,
+    load_prompts,
+    render_prompt,
+    user_reply_pairs,
+)
 from medusa_toolkit.train import distributed as D
 
 SUMMARY = "data_summary.json"
@@ -53,10 +60,12 @@ def partial_dir(cfg: ToolkitConfig, run_dir: Path) -> Path:
 
 @dataclass
 class Conversation:
-    """The user turns of one conversation; the base writes every assistant turn itself."""
+    """The user turns of one conversation; the base writes every assistant turn itself, unless `replies` holds the
+    recorded assistant turns to keep (a source with `regenerate: false`)."""
 
     users: list[str]
     source: str
+    replies: list[str] | None = None
 
 
 def source_counts(weights: list[float], total: int) -> list[int]:
@@ -76,6 +85,7 @@ def load_sources(cfg: ToolkitConfig, model, tokenizer, fits) -> tuple[list[Conve
     conversations, report = [], []
     for src, count in zip(d.sources, counts):
         entry = {"source": src.source, "path": src.path, "weight": src.weight, "requested": count}
+        replies: list = [None] * count
         try:
             if src.source == "self":
                 from medusa_toolkit.train.magpie import self_prompts
@@ -89,14 +99,26 @@ def load_sources(cfg: ToolkitConfig, model, tokenizer, fits) -> tuple[list[Conve
                 )  # fmt: skip
                 bar.close()
                 turns = [[t] for t in texts]
+            elif not src.regenerate:  # recorded conversations kept as they are (config checks: chitchat or file)
+                if src.source == "chitchat":
+                    recorded = chitchat_conversations("train" if src.split == "train" else "heldout")
+                else:
+                    recorded = load_conversations(src.path, src.field, src.split)
+                pairs = [p for p in map(user_reply_pairs, recorded) if p[0]]
+                turns, replies = [u for u, _ in pairs], [r for _, r in pairs]
             elif src.source == "conversations":
-                turns = load_conversations(src.path, src.field, src.split)
+                recorded = load_conversations(src.path, src.field, src.split)
+                turns = [[text for role, text in c if role == "user"] for c in recorded]
             else:
                 turns = [[t] for t in load_prompts(src.source, src.path, src.field, src.split, num=count)]
         except PromptError as e:
             raise DataError(f"data stage: {e}") from None
         entry["available"], entry["taken"] = len(turns), min(count, len(turns))
-        conversations += [Conversation(t, src.source) for t in turns[:count]]
+        if not src.regenerate:
+            entry["regenerate"] = False
+        conversations += [
+            Conversation(t, src.source, None if src.regenerate else r) for t, r in zip(turns[:count], replies[:count])
+        ]
         report.append(entry)
     return conversations, report
 
@@ -196,16 +218,104 @@ def _shard_rows(cfg, tokenizer, items: list[tuple[int, Conversation]], respond, 
                 bar.update(len(chunk))
             bar.set_postfix(turn=turn + 1, tok_s=f"{new / max(time.time() - t0, 1e-9):.0f}", refresh=False)
         turn += 1
-    rows = {"input_ids": [], "loss_mask": [], "prompt_length": [], "prompt_index": [], "turns": [], "source": []}
+    rows = _empty_rows()
     for i, convo in items:
         if i not in prompt_length:
             continue
         rows["input_ids"].append(seqs[i])
+        rows["labels"].append(seqs[i])  # the base's own greedy text: each token is its guess after the ones before
         rows["loss_mask"].append(masks[i])
         rows["prompt_length"].append(prompt_length[i])
         rows["prompt_index"].append(i)
         rows["turns"].append(len(replies[i]))
         rows["source"].append(convo.source)
+    return rows, stats
+
+
+def _empty_rows() -> dict[str, list]:
+    return {k: [] for k in ("input_ids", "labels", "loss_mask", "prompt_length", "prompt_index", "turns", "source")}
+
+
+def _recorded_ids(tokenizer, cfg: ToolkitConfig, convo: Conversation) -> tuple[list[int], list[int], list[int], bool]:
+    """A recorded conversation's ids, the loss mask over its assistant turns, where each assistant turn starts (the
+    first one: the prompt length), and whether the rendering stopped early (a turn whose rendering does not extend
+    the ids before it token for token)."""
+    d = cfg.data
+    if not (d.use_chat_template and getattr(tokenizer, "chat_template", None)):
+        # No template: the first exchange as plain text, the reply straight after the prompt.
+        prompt = render_prompt(tokenizer, convo.users[0], False)
+        reply = tokenizer(convo.replies[0], add_special_tokens=False)["input_ids"]
+        return prompt + reply, [int(d.train_on_prompt)] * len(prompt) + [1] * len(reply), [len(prompt)], False
+    messages = [{"role": "system", "content": d.system_prompt}] if d.system_prompt else []
+    ids: list[int] = []
+    mask: list[int] = []
+    starts: list[int] = []
+    for user, reply in zip(convo.users, convo.replies):
+        messages.append({"role": "user", "content": user})
+        context = _chat_ids(tokenizer, messages, True)
+        messages.append({"role": "assistant", "content": reply})
+        full = _chat_ids(tokenizer, messages, False)
+        if context[: len(ids)] != ids or full[: len(context)] != context:
+            return ids, mask, starts, True
+        starts.append(len(context))
+        mask += [int(d.train_on_prompt)] * (len(context) - len(ids)) + [1] * (len(full) - len(context))
+        ids = full
+    return ids, mask, starts, False
+
+
+def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+
+
+@torch.no_grad()
+def _text_rows(cfg: ToolkitConfig, model, tokenizer, items: list[tuple[int, Conversation]], bar) -> tuple[dict, dict]:
+    """Rows for recorded conversations (`regenerate: false`): their own text, and as labels the base's greedy next
+    token at every position, from one batched forward over the text instead of generation.
+
+    On the base's own greedy text the label at t is simply the token at t; here it is what the base would have said at
+    t after the recorded prefix, so the heads still learn to guess the base, not the recorded speaker. Rows are cut at
+    data.max_prompt_tokens + data.max_new_tokens, the longest a generated row can be.
+    """
+    from medusa_toolkit.medusa_model import BaseHead
+
+    d = cfg.data
+    limit = d.max_prompt_tokens + d.max_new_tokens
+    stats = {"text_turns": 0, "text_cut_at_limit": 0, "retokenization_mismatch": 0}
+    built = {}
+    for i, convo in items:
+        ids, mask, starts, stopped = _recorded_ids(tokenizer, cfg, convo)
+        stats["retokenization_mismatch"] += int(stopped)
+        if len(ids) > limit:
+            stats["text_cut_at_limit"] += 1
+            ids, mask = ids[:limit], mask[:limit]
+        kept = [start for start in starts if start < len(ids)]
+        if kept and sum(mask):
+            built[i] = (ids, mask, kept[0], len(kept))
+            stats["text_turns"] += len(kept)
+    head = BaseHead.of(model)
+    dev = next(model.parameters()).device
+    labels = {}
+    order = sorted(built, key=lambda i: len(built[i][0]))  # similar lengths together: less padding
+    for start in range(0, len(order), d.batch_size):
+        chunk = order[start : start + d.batch_size]
+        t0 = time.time()
+        width = max(len(built[i][0]) for i in chunk)
+        input_ids = torch.tensor([built[i][0] + [0] * (width - len(built[i][0])) for i in chunk], device=dev)
+        attention = torch.tensor([[1] * len(built[i][0]) + [0] * (width - len(built[i][0])) for i in chunk], device=dev)
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        for row, i in enumerate(chunk):
+            n = len(built[i][0])
+            guesses = head(hidden[row, : n - 1]).argmax(-1).tolist()  # the base's next token after each prefix
+            labels[i] = built[i][0][:1] + guesses
+        bar.update(len(chunk))
+        bar.set_postfix(text_tok_s=f"{sum(len(built[i][0]) for i in chunk) / max(time.time() - t0, 1e-9):.0f}")
+    rows = _empty_rows()
+    for i, convo in items:
+        if i in built:
+            ids, mask, prompt_length, turns = built[i]
+            for key, value in zip(rows, (ids, labels[i], mask, prompt_length, i, turns, convo.source)):
+                rows[key].append(value)
     return rows, stats
 
 
@@ -266,7 +376,7 @@ def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     sources_file = parts / "sources.json"  # self-generated prompts are sampled once, then reused on a resume
     if sources_file.is_file():
         saved = json.loads(sources_file.read_text())
-        convos = [Conversation(c["users"], c["source"]) for c in saved["conversations"]]
+        convos = [Conversation(c["users"], c["source"], c.get("replies")) for c in saved["conversations"]]
         report = saved["report"]
     else:
         convos, report = load_sources(cfg, model, tokenizer, fits)
@@ -305,13 +415,23 @@ def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     bar = tqdm(total=total, unit="seq", desc="data: generating", disable=not D.is_main() or not cfg.logging.progress)
     if D.is_main() and len(mine) > len(todo):
         bar.write(f"[data] resuming: {len(mine) - len(todo)} of {len(mine)} shards already generated in {parts}")
-    tokens, gen_time = 0, 0.0
+    tokens, gen_time, text_tokens, text_time = 0, 0.0, 0, 0.0
     for s in todo:
         torch.manual_seed(d.seed * 100_003 + s)  # per-shard seed: same data for any world size / resume
         t0 = time.time()
-        rows, stats = _shard_rows(cfg, tokenizer, shard_items[s], respond, bar)
+        generated = [(i, c) for i, c in shard_items[s] if c.replies is None]
+        rows, stats = _shard_rows(cfg, tokenizer, generated, respond, bar) if generated else (_empty_rows(), {})
         gen_time += time.time() - t0
         tokens += sum(sum(m) for m in rows["loss_mask"]) if not d.train_on_prompt else sum(map(len, rows["input_ids"]))
+        recorded = [(i, c) for i, c in shard_items[s] if c.replies is not None]
+        if recorded:
+            t0 = time.time()
+            text, text_stats = _text_rows(cfg, model, tokenizer, recorded, bar)
+            text_time += time.time() - t0
+            text_tokens += sum(map(len, text["input_ids"]))
+            stats = dict(Counter(stats) + Counter(text_stats))
+            for key in rows:
+                rows[key] += text[key]
         tmp = parts / f".shard-{s:05d}.tmp-{D.rank()}"
         datasets.Dataset.from_dict(rows).save_to_disk(str(tmp))
         (tmp / "stats.json").write_text(json.dumps(stats))
@@ -321,6 +441,9 @@ def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     D.barrier()
     if D.is_main():
         extra = {"sources": report, "generation_dtype": dtype}
+        if text_tokens:
+            extra["text_tokens_this_run_rank0"] = text_tokens  # recorded text run through the base, no generation
+            extra["text_tokens_per_s_rank0"] = text_tokens / max(text_time, 1e-9)
         extra["engine"] = engine.summary() if engine is not None else {"engine": "hf"}
         _merge(cfg, parts, num_shards, out_dir, skipped, len(convos), tokens, gen_time, start, extra)
         shutil.rmtree(parts, ignore_errors=True)
@@ -374,6 +497,8 @@ def _merge(
         "generation_tokens_per_s_rank0": tokens / gen_time if gen_time else None,
         "wall_time_s": time.time() - start,
         "turns_regenerated": stats["turns"],
+        "turns_kept_as_recorded": stats["text_turns"],
+        "recorded_rows_cut_at_limit": stats["text_cut_at_limit"],
         "retokenization_mismatches": stats["retokenization_mismatch"],
         "sequences_per_source": dict(Counter(ds["source"])),
         **extra,

@@ -1,6 +1,7 @@
 """Medusa training objective: per-head `ce` or `kl` losses with decay**k weights, plus top-1/top-5 counts.
 
-Head k at position t guesses the token at t + k + 2. `ce` compares it with that token of the self-distilled text;
+Head k at position t guesses the token at t + k + 2. `ce` compares it with the target there: the token the base
+emits at that position (on the base's own greedy text, the token itself; on recorded text, the base's argmax);
 `kl` with the base model's own distribution at position t + k + 1 (the base's next-token guess for the same token),
 computed from the same final hidden states. A position counts only when the TARGET position is in the loss mask.
 Only masked positions are projected onto the vocabulary: the [N, V] projection is most of the cost.
@@ -37,7 +38,8 @@ def head_weights(num_heads: int, decay: float) -> list[float]:
 class MedusaObjective(nn.Module):
     """Heads + the loss, as one module for the DeepSpeed engine. The base lm_head is frozen tensors, not parameters.
 
-    forward(hidden [B,T,H], input_ids [B,T], loss_mask [B,T], norm [num_heads] | None)
+    forward(hidden [B,T,H], targets [B,T], loss_mask [B,T], norm [num_heads] | None)
+        targets[b, t]: the token the base emits at t (its own greedy text: the input ids; recorded text: its argmax).
         -> (weighted loss, stats [num_heads, 4]).
     `base_head`: the base's `BaseHead` (weight, bias, logit scale, soft-cap), or a bare lm_head weight tensor.
     """
@@ -75,7 +77,7 @@ class MedusaObjective(nn.Module):
         return self.heads.heads[k][self.heads.num_layers](h)
 
     def forward(
-        self, hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, norm: torch.Tensor | None = None
+        self, hidden: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, norm: torch.Tensor | None = None
     ):
         """`norm[k]`: head k's target count that this micro-batch's summed loss is divided by (the whole step's, so
         tokens weigh equally across micro-batches and ranks); None: this micro-batch's own count (a per-token mean)."""
@@ -94,7 +96,7 @@ class MedusaObjective(nn.Module):
             if n == 0:
                 total = total + logits.sum() * 0.0
                 continue
-            target = input_ids[:, shift:][mask]
+            target = targets[:, shift:][mask]
             if self.loss == "ce":
                 loss_sum = F.cross_entropy(logits, target, reduction="sum")
             else:

@@ -98,16 +98,20 @@ def data_order(n: int, seed: int, start: int, count: int) -> list[int]:
     return out[:count]
 
 
-def collate(rows: list[dict], max_len: int, device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Right-pad (causal: padding after a sequence never changes its hidden states); mask the padding; lengths."""
+def collate(rows: list[dict], max_len: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Right-pad (causal: padding after a sequence never changes its hidden states) into input ids, targets (each
+    position's `labels`: the token the base emits there; artefacts without the column: the input ids themselves) and
+    the loss mask (padding masked); and the real lengths."""
     width = min(max_len, max(len(r["input_ids"]) for r in rows))
     ids = torch.zeros(len(rows), width, dtype=torch.long)
+    targets = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
         x = r["input_ids"][:width]
         ids[i, : len(x)] = torch.tensor(x)
+        targets[i, : len(x)] = torch.tensor((r.get("labels") or r["input_ids"])[:width])
         mask[i, : len(x)] = torch.tensor(r["loss_mask"][:width])
-    return ids.to(device), mask.to(device), [min(len(r["input_ids"]), width) for r in rows]
+    return ids.to(device), targets.to(device), mask.to(device), [min(len(r["input_ids"]), width) for r in rows]
 
 
 class Teacher:
@@ -422,11 +426,11 @@ def evaluate(engine, teacher: Teacher, ds, offset: int, micro: int, max_len: int
     for r in range(rounds):
         b = r * D.world_size() + D.rank()
         idx = list(range(b * micro, min((b + 1) * micro, len(ds)))) or [0]  # same call count on every rank (ZeRO-3)
-        ids, mask, lengths = collate([ds[i] for i in idx], max_len, device)
+        ids, targets, mask, lengths = collate([ds[i] for i in idx], max_len, device)
         if b >= n_batches:
             mask = torch.zeros_like(mask)
         hidden = teacher([offset + i for i in idx], ids, lengths)
-        _, s = engine(hidden, ids, mask)
+        _, s = engine(hidden, targets, mask)
         stats = s if stats is None else stats + s
     engine.train()
     return D.all_reduce_sum(stats)
@@ -599,9 +603,9 @@ def train_step(s: Setup, cfg: ToolkitConfig, progress: Progress) -> None:
     stats, tokens = None, 0
     for m in range(s.accum):
         chunk = order[(m * world + rank) * micro : (m * world + rank + 1) * micro]
-        ids, mask, lengths = collate([s.train_ds[i] for i in chunk], cfg.train.max_seq_len, s.device)
+        ids, targets, mask, lengths = collate([s.train_ds[i] for i in chunk], cfg.train.max_seq_len, s.device)
         hidden = s.teacher(chunk, ids, lengths)
-        loss, micro_stats = s.engine(hidden, ids, mask, norm)
+        loss, micro_stats = s.engine(hidden, targets, mask, norm)
         s.engine.backward(loss * scale)
         s.engine.step()
         stats = micro_stats if stats is None else stats + micro_stats
