@@ -9,6 +9,8 @@ Both hold the same function: head i is `num_layers` residual blocks `x + SiLU(W 
           `model_type: medusa` (vllm/transformers_utils/configs/medusa.py, vllm/model_executor/models/medusa.py).
 Shared-projection heads have no projection of their own: the medusa layout gets a copy of the base lm_head per head
 (TGI and TensorRT-LLM need one); the vllm layout sets `original_lm_head: true` and stores it once as `lm_heads.0`.
+Truncated heads (a `token_map`): vllm gets K-row projections and `truncated_vocab_size: K`, which its Medusa model
+supports; medusa gets full-vocabulary projections, so TGI and TensorRT-LLM score every token (still lossless).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def medusa_config(heads: MedusaHeads, base_model: str | None, tree: dict | None 
         "head_type": c.head_type,
         # True when the projection in the weights is a copy of the base lm_head (shared heads).
         "lm_head_copied_from_base": c.head_type == "shared_lm_head",
+        # Truncated heads: the projections above are full-vocabulary for TGI / TensorRT-LLM; `token_map` in the
+        # weights names the rows the heads were trained to score (we read them back truncated).
+        "truncated_vocab_size": c.truncated_vocab_size,
         "medusa_toolkit_version": __version__,
         "medusa_choices": [list(p) for p in tree["paths"]] if tree else None,
     }
@@ -52,7 +57,8 @@ def vllm_config(heads: MedusaHeads, base_model: str | None) -> dict:
         "vocab_size": c.vocab_size,
         "num_heads": heads.num_heads,
         "num_hidden_layers": heads.num_layers,
-        "truncated_vocab_size": None,
+        # K-row lm_heads and a token_map tensor when the heads score K tokens only (vLLM spreads them with it).
+        "truncated_vocab_size": c.truncated_vocab_size,
         # vLLM builds the residual layers without bias unless this is set, silently dropping ours.
         "medusa_fc_bias": True,
         "original_lm_head": c.head_type == "shared_lm_head",

@@ -62,6 +62,10 @@ class HeadsConfig(Section):
     num_heads: PositiveInt = 4
     num_layers: PositiveInt = 1
     head_type: Literal["per_head_lm_head", "shared_lm_head"] = "per_head_lm_head"
+    # Truncated head vocabulary (vLLM's name): the heads guess only among the N tokens the base emits most often in
+    # the training data (EOS always included), so each vocab projection is N x hidden instead of vocab x hidden.
+    # Cheaper training and drafting; exactness is unchanged (the base verifies). null: the whole vocabulary.
+    truncated_vocab_size: PositiveInt | None = None
     # Start from existing heads (folder or Hub id) instead of fresh ones.
     init_from: str | None = None
 

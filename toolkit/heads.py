@@ -4,6 +4,11 @@ Head k (0-based) reads the hidden state at position t and predicts the token at 
 lm_head already predicts t + 1. A head is `num_layers` residual blocks `x + SiLU(W x + b)` followed by a vocabulary
 projection. W starts at zero so a new head starts as the identity, i.e. as a copy of the base lm_head's guess.
 Every layer has its own weights (upstream Medusa builds the blocks with `[ResBlock] * n`, which shares them).
+
+A truncated vocabulary (`truncated_vocab_size` K, as vLLM's Medusa calls it): the heads guess only among K tokens,
+`token_map` (the K the base emits most often in the training data), so each head's projection is K x hidden instead
+of vocab x hidden. Exactness does not depend on it (the base verifies every guess); it only makes the heads cheaper:
+on a small base on a CPU the three vocab projections cost a tenth of a decoding step and most of a training step.
 """
 
 from __future__ import annotations
@@ -49,11 +54,13 @@ class MedusaHeadsConfig:
     medusa_num_layers: int = 1
     head_type: HeadType = "per_head_lm_head"
     base_model_name_or_path: str | None = None
+    truncated_vocab_size: int | None = None  # None: the whole vocabulary
     medusa_toolkit_version: str = __version__
 
 
 class MedusaHeads(nn.Module):
-    """`num_heads` Medusa heads. `forward(hidden, lm_head)` returns logits [num_heads, *hidden.shape[:-1], vocab]."""
+    """`num_heads` Medusa heads. `forward(hidden, lm_head)` returns logits [num_heads, *hidden.shape[:-1], vocab]
+    (truncated heads: over their `token_map`'s tokens only; `full_vocab_logits` spreads them over the vocabulary)."""
 
     def __init__(
         self,
@@ -63,12 +70,23 @@ class MedusaHeads(nn.Module):
         num_layers: int = 1,
         head_type: HeadType = "per_head_lm_head",
         base_model_name_or_path: str | None = None,
+        token_map: torch.Tensor | list[int] | None = None,
     ):
         super().__init__()
         if head_type not in ("per_head_lm_head", "shared_lm_head"):
             raise ValueError(f"head_type {head_type!r} is unknown; use 'per_head_lm_head' or 'shared_lm_head'")
         if num_heads < 1 or num_layers < 0:
             raise ValueError(f"need num_heads >= 1 and num_layers >= 0, got {num_heads} and {num_layers}")
+        if token_map is not None:
+            token_map = torch.as_tensor(token_map, dtype=torch.long).flatten()
+            if len(token_map) >= vocab_size:
+                token_map = None  # a map of the whole vocabulary truncates nothing
+            elif (
+                len(token_map) == 0
+                or token_map.unique().numel() != len(token_map)
+                or not (0 <= int(token_map.min()) and int(token_map.max()) < vocab_size)
+            ):
+                raise ValueError(f"token_map must hold distinct token ids in [0, {vocab_size}), at least one")
         self.config = MedusaHeadsConfig(
             hidden_size=hidden_size,
             vocab_size=vocab_size,
@@ -76,13 +94,16 @@ class MedusaHeads(nn.Module):
             medusa_num_layers=num_layers,
             head_type=head_type,
             base_model_name_or_path=base_model_name_or_path,
+            truncated_vocab_size=None if token_map is None else len(token_map),
         )
+        # Not a buffer: .to(dtype) must never touch token ids, and heads.state_dict() keeps upstream's keys.
+        self.token_map: torch.Tensor | None = token_map
         # nn.Sequential indices give upstream's key layout: {i}.{j}.linear.weight and {i}.{num_layers}.weight.
         self.heads = nn.ModuleList()
         for _ in range(num_heads):
             layers: list[nn.Module] = [ResBlock(hidden_size) for _ in range(num_layers)]
             if head_type == "per_head_lm_head":
-                layers.append(nn.Linear(hidden_size, vocab_size, bias=False))
+                layers.append(nn.Linear(hidden_size, self.head_vocab_size, bias=False))
             self.heads.append(nn.Sequential(*layers))
 
     @property
@@ -97,13 +118,31 @@ class MedusaHeads(nn.Module):
     def head_type(self) -> HeadType:
         return self.config.head_type
 
+    @property
+    def head_vocab_size(self) -> int:
+        """How many tokens each head scores: the truncated vocabulary's size, or the whole vocabulary's."""
+        return self.config.truncated_vocab_size or self.config.vocab_size
+
+    def full_vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Head logits over the whole vocabulary [..., vocab]: a truncated head's scores at its token_map, -inf at
+        every token it cannot guess (top-k and sampling then never pick one). Untruncated logits pass unchanged."""
+        if self.token_map is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.token_map.to(logits.device), logits)
+
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """The rows of a vocab x hidden matrix (the base lm_head) these heads score: all, or the token_map's."""
+        return weight if self.token_map is None else weight[self.token_map.to(weight.device)]
+
     def init_from_lm_head(self, lm_head_weight: torch.Tensor) -> None:
-        """Copy the base lm_head into every head's own projection (per_head_lm_head), as upstream does."""
+        """Copy the base lm_head (its token_map rows) into every head's own projection (per_head_lm_head), as
+        upstream does."""
         if self.head_type != "per_head_lm_head":
             return
         with torch.no_grad():
             for head in self.heads:
-                head[-1].weight.copy_(lm_head_weight)
+                head[-1].weight.copy_(self.rows(lm_head_weight))
 
     def hidden(self, hidden_states: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
         """Each head's residual-block output before the vocab projection: [num_heads, ..., hidden]."""
@@ -125,10 +164,11 @@ class MedusaHeads(nn.Module):
 
         `lm_head` (the base's) is needed for shared heads: pass the base's whole hidden-to-logits map
         (`MedusaModel.base_logits` / `medusa_model.BaseHead`), not the bare Linear, for bases that soft-cap or scale
-        their logits (Gemma 2, Cohere, Granite).
+        their logits (Gemma 2, Cohere, Granite). Truncated shared heads need it over their token_map's rows only
+        (`BaseHead.rows(heads.token_map)`).
         """
         if num_heads == 0:
-            return hidden_states.new_zeros((0, *hidden_states.shape[:-1], self.config.vocab_size))
+            return hidden_states.new_zeros((0, *hidden_states.shape[:-1], self.head_vocab_size))
         if self.head_type == "shared_lm_head":
             if lm_head is None:
                 raise ValueError("shared_lm_head heads need the base model's lm_head: call heads(hidden, lm_head)")
@@ -143,6 +183,8 @@ class MedusaHeads(nn.Module):
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k.removeprefix("heads."): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.token_map is not None:
+            tensors[heads_io.TOKEN_MAP] = self.token_map.cpu()
         save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "producer": "medusa-toolkit"})
         (out / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         return out
@@ -166,7 +208,7 @@ class MedusaHeads(nn.Module):
         """Heads of a known shape holding exactly `tensors` (upstream keys); a clear error when they do not fit."""
         heads = cls(
             layout.hidden_size, layout.vocab_size, layout.num_heads, layout.num_layers, layout.head_type,
-            layout.base_model_name_or_path,
+            layout.base_model_name_or_path, layout.token_map,
         )  # fmt: skip
         try:
             heads.heads.load_state_dict(tensors, strict=True)
@@ -198,6 +240,8 @@ class MedusaHeads(nn.Module):
         h.update(
             json.dumps([c.hidden_size, c.vocab_size, c.medusa_num_heads, c.medusa_num_layers, c.head_type]).encode()
         )
+        if self.token_map is not None:
+            h.update(b"token_map|" + self.token_map.cpu().numpy().astype("<i8").tobytes())
         for key, value in sorted(self.heads.state_dict().items()):
             t = value.detach().cpu().contiguous()
             h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())

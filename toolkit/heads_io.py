@@ -5,6 +5,9 @@
 - upstream's legacy `medusa_lm_head.pt`: read only through `torch.load(weights_only=True)`, never plain unpickling.
 - vLLM's Medusa draft model: `model.safetensors` with `blocks.{i}.layers.{j}.weight|bias` and `lm_heads.{i}.weight`
   (vllm/model_executor/models/medusa.py); with `original_lm_head: true` a single `lm_heads.0` is the base lm_head.
+- a truncated head vocabulary adds a `token_map` tensor (the K token ids the heads score) in every layout: vLLM reads
+  it with `truncated_vocab_size: K` and K-row `lm_heads`; the upstream layout keeps full-vocabulary projections for
+  TGI and TensorRT-LLM (which know no token map) and we cut them back to the map's rows when reading.
 
 The weights are the truth: when a config.json disagrees with them about the number of heads or layers (upstream Hub
 configs often do), we warn and use what the weights hold. Everything that cannot be read (a missing file, a truncated
@@ -31,6 +34,7 @@ WEIGHTS_NAME = "medusa_lm_head.safetensors"
 LEGACY_WEIGHTS_NAME = "medusa_lm_head.pt"
 VLLM_WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+TOKEN_MAP = "token_map"
 # Prefixes other trainers put in front of upstream's `{i}.{j}...` keys (vLLM strips `medusa_heads.` too).
 KEY_PREFIXES = ("medusa_heads.", "medusa_head.", "heads.")
 _VLLM_KEY = re.compile(r"^(?:blocks\.(\d+)\.layers\.(\d+)\.(weight|bias)|lm_heads\.(\d+)\.weight)$")
@@ -50,6 +54,7 @@ class HeadsLayout:
     num_layers: int
     head_type: str
     base_model_name_or_path: str | None = None
+    token_map: torch.Tensor | None = None  # truncated heads: the token ids they score
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -187,13 +192,25 @@ def upstream_layout(
     """Upstream-layout tensors (any key prefix) and an optional config -> (clean tensors, layout)."""
     cfg = cfg or {}
     tensors = strip_key_prefixes(tensors)
+    token_map = tensors.pop(TOKEN_MAP, None)
     num_heads, num_layers, has_proj = infer_layout(tensors)
     warn_config_mismatch(source, cfg, ("medusa_num_heads", "num_heads"), num_heads, "heads")
     warn_config_mismatch(source, cfg, ("medusa_num_layers", "num_hidden_layers"), num_layers, "layers")
     hidden_size = tensors["0.0.linear.weight"].shape[0] if num_layers else cfg.get("hidden_size")
     vocab_size = cfg.get("vocab_size")
     if has_proj:
-        vocab_size, hidden_size = tensors[f"0.{num_layers}.weight"].shape
+        rows, hidden_size = tensors[f"0.{num_layers}.weight"].shape
+        if token_map is None:
+            vocab_size = rows
+        elif vocab_size is None:
+            raise HeadsLoadError(f"{source}: truncated heads (token_map) need vocab_size in config.json")
+        elif rows == vocab_size:  # full-vocabulary projections (the TGI layout): the heads score the map's rows
+            tensors = {k: v[token_map] if k.endswith(f".{num_layers}.weight") else v for k, v in tensors.items()}
+        elif rows != len(token_map):
+            raise HeadsLoadError(
+                f"{source}: projections have {rows} rows, neither the vocabulary ({vocab_size}) nor the token_map "
+                f"({len(token_map)})"
+            )
     if hidden_size is None or vocab_size is None:
         raise HeadsLoadError(
             f"{source}: cannot tell hidden_size/vocab_size from the weights; config.json must give them"
@@ -208,14 +225,15 @@ def upstream_layout(
             copies = {f"{i}.{num_layers}.weight" for i in range(num_heads)}
             tensors = {k: v for k, v in tensors.items() if k not in copies}
     base = cfg.get("base_model_name_or_path")
-    return tensors, HeadsLayout(hidden_size, vocab_size, num_heads, num_layers, head_type, base)
+    return tensors, HeadsLayout(hidden_size, vocab_size, num_heads, num_layers, head_type, base, token_map)
 
 
 def from_vllm_tensors(
     tensors: dict[str, torch.Tensor], cfg: dict, source: str
 ) -> tuple[dict[str, torch.Tensor], HeadsLayout]:
     """vLLM-layout tensors (`blocks.{i}.layers.{j}.*`, `lm_heads.{i}.weight`) -> (upstream tensors, layout)."""
-    tensors = {k.removeprefix("medusa_heads."): v for k, v in tensors.items() if k != "token_map"}
+    tensors = {k.removeprefix("medusa_heads."): v for k, v in tensors.items()}
+    token_map = tensors.pop(TOKEN_MAP, None)
     converted: dict[str, torch.Tensor] = {}
     lm_heads: dict[int, torch.Tensor] = {}
     for key, value in tensors.items():
@@ -233,10 +251,14 @@ def from_vllm_tensors(
     num_layers = max((int(k.split(".")[1]) for k in converted), default=-1) + 1
     if num_heads == 0:
         raise HeadsLoadError(f"{source}: the vLLM Medusa weights file is empty")
-    if cfg.get("truncated_vocab_size") not in (None, cfg.get("vocab_size")):
+    truncated = cfg.get("truncated_vocab_size") not in (None, cfg.get("vocab_size"))
+    if truncated and (token_map is None or len(token_map) != cfg["truncated_vocab_size"]):
         raise HeadsLoadError(
-            f"{source}: truncated-vocabulary vLLM heads (token_map) are not supported; export full-vocabulary heads"
+            f"{source}: config.json says truncated_vocab_size={cfg['truncated_vocab_size']} but the weights hold "
+            f"{'no token_map' if token_map is None else f'a token_map of {len(token_map)} ids'}"
         )
+    if not truncated:
+        token_map = None  # vLLM ignores a map when nothing is truncated; so do we
     if not cfg.get("medusa_fc_bias", False) and any(k.endswith(".bias") for k in converted):
         warnings.warn(
             f"{source}: config.json lacks medusa_fc_bias: true, so vLLM would drop these biases; loading them",
@@ -254,7 +276,7 @@ def from_vllm_tensors(
         if not block_heads:  # zero-layer shared heads: nothing in the weights says how many there are
             num_heads = int(cfg.get("num_heads", 1))
         # vLLM uses lm_heads.0 as the base model's own lm_head for every head: our shared_lm_head type.
-        vocab_size, hidden_size = lm_heads[0].shape
+        hidden_size = lm_heads[0].shape[1]
         out = converted
     else:
         missing = [i for i in range(num_heads) if i not in lm_heads]
@@ -262,13 +284,14 @@ def from_vllm_tensors(
             raise HeadsLoadError(
                 f"{source}: lm_heads.{missing[0]}.weight is missing (set original_lm_head for shared heads)"
             )
-        vocab_size, hidden_size = lm_heads[0].shape
+        hidden_size = lm_heads[0].shape[1]
         out = dict(converted, **{f"{i}.{num_layers}.weight": w for i, w in lm_heads.items()})
+    vocab_size = cfg["vocab_size"] if truncated else lm_heads[0].shape[0]
     warn_config_mismatch(source, cfg, ("num_heads",), num_heads, "heads")
     warn_config_mismatch(source, cfg, ("num_hidden_layers",), num_layers, "layers")
     head_type = "shared_lm_head" if shared else "per_head_lm_head"
     base = cfg.get("base_model_name_or_path")
-    return out, HeadsLayout(hidden_size, vocab_size, num_heads, num_layers, head_type, base)
+    return out, HeadsLayout(hidden_size, vocab_size, num_heads, num_layers, head_type, base, token_map)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -276,12 +299,14 @@ def from_vllm_tensors(
 
 
 def _lm_head_for(heads: MedusaHeads, lm_head_weight: torch.Tensor | None) -> torch.Tensor | None:
-    """The base lm_head weight shared heads need (checked against the heads' sizes); None for per-head heads."""
-    if heads.head_type != "shared_lm_head":
+    """The base lm_head weight shared or truncated heads need (checked against the heads' sizes); None for untruncated
+    per-head heads."""
+    if heads.head_type != "shared_lm_head" and heads.token_map is None:
         return None
     if lm_head_weight is None:
         raise ValueError(
-            "these heads share the base model's lm_head: exporting them needs the base lm_head weight "
+            "these heads share the base model's lm_head or truncate its vocabulary: exporting them needs the base "
+            "lm_head weight "
             "(pass --base-model, or lm_head_weight=base.get_output_embeddings().weight)"
         )
     expected = (heads.config.vocab_size, heads.config.hidden_size)
@@ -300,28 +325,40 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def upstream_tensors(
     heads: MedusaHeads, lm_head_weight: torch.Tensor | None = None, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """Upstream keys with a projection for every head (shared heads get copies of the base lm_head: TGI needs one)."""
-    shared = _lm_head_for(heads, lm_head_weight)
+    """Upstream keys with a full-vocabulary projection for every head (TGI and TensorRT-LLM need one): shared heads get
+    copies of the base lm_head; truncated per-head heads get theirs at the token_map's rows and the base lm_head's
+    elsewhere, plus the `token_map` (which we read back; the engines ignore it and score the whole vocabulary)."""
+    base = _lm_head_for(heads, lm_head_weight)
     out = {k.removeprefix("heads."): _cast(v, dtype) for k, v in heads.state_dict().items()}
-    if shared is not None:
-        for i in range(heads.num_heads):
-            out[f"{i}.{heads.num_layers}.weight"] = _cast(shared, dtype)
+    for i in range(heads.num_heads):
+        key = f"{i}.{heads.num_layers}.weight"
+        if heads.head_type == "shared_lm_head":
+            out[key] = _cast(base, dtype)
+        elif heads.token_map is not None:
+            trained = heads.heads[i][-1].weight.detach().to(base.dtype)
+            out[key] = _cast(base.index_copy(0, heads.token_map.to(base.device), trained), dtype)
+    if heads.token_map is not None:
+        out[TOKEN_MAP] = heads.token_map.clone()
     return out
 
 
 def vllm_tensors(
     heads: MedusaHeads, lm_head_weight: torch.Tensor | None = None, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """vLLM keys: `blocks.{i}.layers.{j}.weight|bias`, `lm_heads.{i}.weight` (only `lm_heads.0` for shared heads)."""
-    shared = _lm_head_for(heads, lm_head_weight)
+    """vLLM keys: `blocks.{i}.layers.{j}.weight|bias`, `lm_heads.{i}.weight` (only `lm_heads.0` for shared heads), and
+    for truncated heads K-row `lm_heads` with the `token_map` vLLM spreads their logits with."""
+    shared = heads.head_type == "shared_lm_head"
+    base = _lm_head_for(heads, lm_head_weight)
     out = {}
     for i, head in enumerate(heads.heads):
         for j in range(heads.num_layers):
             out[f"blocks.{i}.layers.{j}.weight"] = _cast(head[j].linear.weight, dtype)
             out[f"blocks.{i}.layers.{j}.bias"] = _cast(head[j].linear.bias, dtype)
-        if shared is None:
+        if not shared:
             out[f"lm_heads.{i}.weight"] = _cast(head[heads.num_layers].weight, dtype)
-    if shared is not None:
+    if shared:
         # vLLM maps lm_heads.0.weight onto its single lm_head when original_lm_head is set.
-        out["lm_heads.0.weight"] = _cast(shared, dtype)
+        out["lm_heads.0.weight"] = _cast(heads.rows(base), dtype)
+    if heads.token_map is not None:
+        out[TOKEN_MAP] = heads.token_map.clone()
     return out

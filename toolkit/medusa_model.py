@@ -49,6 +49,14 @@ class BaseHead:
             bias = None if bias is None else bias.detach().clone()
         return cls(weight, bias, *logit_transform(base.config))
 
+    def rows(self, index: torch.Tensor | None) -> BaseHead:
+        """The same map over the vocabulary rows `index` only (truncated heads' token_map); None: all rows."""
+        if index is None:
+            return self
+        index = index.to(self.weight.device)
+        bias = None if self.bias is None else self.bias[index]
+        return BaseHead(self.weight[index], bias, self.scale, self.softcap)
+
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(hidden_states.dtype)
         logits = F.linear(hidden_states, self.weight.to(hidden_states.dtype), bias)
@@ -81,6 +89,8 @@ class MedusaModel(nn.Module):
         param = next(base.parameters())
         self.heads = heads.to(device=param.device, dtype=param.dtype).eval()
         self.tokenizer = tokenizer
+        # Truncated shared heads score the token_map's rows of the base's lm_head: sliced once, not every step.
+        self._heads_lm_head = BaseHead.of(self.base).rows(heads.token_map) if heads.token_map is not None else None
 
     @classmethod
     def from_pretrained(
@@ -146,6 +156,8 @@ class MedusaModel(nn.Module):
         return MedusaOutput(self.base_logits(hidden), medusa_logits, hidden, cache)
 
     def medusa_logits(self, hidden_states: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
-        """The first `num_heads` heads' logits [num_heads, ..., V] (all by default) on given last hidden states."""
+        """The first `num_heads` heads' logits [num_heads, ..., V] (all by default) on given last hidden states; a
+        truncated head's are -inf outside its token_map."""
         # Shared heads project through the base's whole logit map (soft-cap, scale, bias), exactly as in training.
-        return self.heads(hidden_states, self.base_logits, num_heads)
+        lm_head = self.base_logits if self._heads_lm_head is None else self._heads_lm_head
+        return self.heads.full_vocab_logits(self.heads(hidden_states, lm_head, num_heads))

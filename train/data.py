@@ -513,6 +513,21 @@ def _merge(
     print(f"[data] {len(ds)} sequences ({n_eval} held out), {summary['tokens']} tokens")
 
 
+def frequent_targets(ds, k: int, always: list[int] = ()) -> tuple[list[int], float]:
+    """The k token ids the base emits most often at the trained positions of `ds` (its `labels` where the loss mask
+    is set), `always` included, in ascending id order; and the share of those positions they cover."""
+    trained = [
+        torch.tensor(row.get("labels") or row["input_ids"])[torch.tensor(row["loss_mask"], dtype=torch.bool)]
+        for row in ds
+    ]
+    trained = torch.cat(trained) if trained else torch.zeros(0, dtype=torch.long)
+    counts = torch.bincount(trained, minlength=max(always, default=0) + 1)
+    forced = list(dict.fromkeys(always))
+    ranked = [t for t in counts.argsort(descending=True, stable=True).tolist() if t not in forced]
+    chosen = sorted(forced + ranked[: max(0, k - len(forced))])
+    return chosen, int(counts[chosen].sum()) / max(len(trained), 1)
+
+
 def load_data(run_dir: Path):
     """The data artefact as (train, heldout) datasets."""
     import datasets

@@ -62,6 +62,15 @@ class MedusaObjective(nn.Module):
         bias = None if base_head.bias is None else base_head.bias.detach()
         self.base_head = BaseHead(base_head.weight.detach(), bias, base_head.scale, base_head.softcap)
         self.lm_head_weight = self.base_head.weight
+        # Truncated heads score only token_map's tokens: shared ones through those rows of the base's head, and a
+        # target outside the map is one no head can guess (no loss, counted as a miss); kl compares distributions
+        # over the map.
+        self.token_map = heads.token_map
+        self.heads_head = self.base_head.rows(heads.token_map)
+        self.index_of = None
+        if heads.token_map is not None:
+            self.index_of = torch.full((heads.config.vocab_size,), -1, dtype=torch.long)
+            self.index_of[heads.token_map] = torch.arange(len(heads.token_map))
         self.loss = loss
         self.weights = head_weights(heads.num_heads, decay)
         self.kl_temperature = kl_temperature
@@ -72,8 +81,9 @@ class MedusaObjective(nn.Module):
         return self.base_head(h)
 
     def project(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """Head k's logits over the tokens it scores (the whole vocabulary, or the token_map's)."""
         if self.heads.head_type == "shared_lm_head":
-            return self.base_logits(h)
+            return self.heads_head(h)
         return self.heads.heads[k][self.heads.num_layers](h)
 
     def forward(
@@ -98,14 +108,17 @@ class MedusaObjective(nn.Module):
                 continue
             target = targets[:, shift:][mask]
             if self.loss == "ce":
-                loss_sum = F.cross_entropy(logits, target, reduction="sum")
+                index = target if self.index_of is None else self.index_of.to(target.device)[target]
+                loss_sum = F.cross_entropy(logits, index, reduction="sum", ignore_index=-1)
             else:
-                teacher = self.base_logits(hidden[:, shift - 1 : T - 1][mask]).float()  # base's guess, same token
+                teacher = self.heads_head(hidden[:, shift - 1 : T - 1][mask]).float()  # base's guess, same token
                 loss_sum = kl_loss(logits, teacher, self.kl_temperature, self.kl_top_k, reduction="sum")
             denom = n if norm is None else float(norm[k])
             total = total + self.weights[k] * loss_sum / max(denom, 1.0)
             with torch.no_grad():
                 top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+                if self.token_map is not None:
+                    top5 = self.token_map.to(top5.device)[top5]  # back to token ids
                 stats[k, 0] += loss_sum.detach().double()
                 stats[k, 1] += n
                 stats[k, 2] += (top5[:, 0] == target).sum()

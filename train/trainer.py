@@ -20,13 +20,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from medusa_toolkit import special_tokens
 from medusa_toolkit.base_model import load_base_model
 from medusa_toolkit.config import ToolkitConfig
 from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.heads import MedusaHeads
 from medusa_toolkit.medusa_model import BaseHead
 from medusa_toolkit.train import distributed as D
-from medusa_toolkit.train.data import load_data
+from medusa_toolkit.train.data import frequent_targets, load_data
 from medusa_toolkit.train.losses import MedusaObjective, target_counts
 
 SUMMARY = "training_summary.json"
@@ -245,15 +246,24 @@ def make_teacher(cfg: ToolkitConfig, base, run_dir: Path, chash: str, train_ds, 
     return Teacher(base, False, disk)
 
 
-def build_heads(cfg: ToolkitConfig, base, lm_head_weight: torch.Tensor) -> MedusaHeads:
-    """New heads initialised from the base's (full, gathered) lm_head weight, or heads.init_from's heads."""
+def build_heads(cfg: ToolkitConfig, base, lm_head_weight: torch.Tensor, train_ds) -> MedusaHeads:
+    """New heads initialised from the base's (full, gathered) lm_head weight, or heads.init_from's heads; with
+    heads.truncated_vocab_size, scoring the tokens the base emits most often in the training data."""
     h = cfg.heads
     if h.init_from:
         heads = MedusaHeads.from_pretrained(h.init_from)
         heads.check_compatible(base)  # reads ds_shape under ZeRO-3
+        if h.truncated_vocab_size not in (None, heads.config.truncated_vocab_size):
+            raise TrainError(
+                f"heads.init_from {h.init_from} has truncated_vocab_size={heads.config.truncated_vocab_size}, the "
+                f"config asks for {h.truncated_vocab_size}; set heads.truncated_vocab_size to null or to theirs"
+            )
         return heads
     vocab, hidden = lm_head_weight.shape
-    heads = MedusaHeads(hidden, vocab, h.num_heads, h.num_layers, h.head_type, cfg.model.name_or_path)
+    token_map = None
+    if h.truncated_vocab_size and h.truncated_vocab_size < vocab:
+        token_map, _ = frequent_targets(train_ds, h.truncated_vocab_size, special_tokens.eos_ids(base))
+    heads = MedusaHeads(hidden, vocab, h.num_heads, h.num_layers, h.head_type, cfg.model.name_or_path, token_map)
     heads.init_from_lm_head(lm_head_weight)
     return heads.float()
 
@@ -483,7 +493,7 @@ def setup(cfg: ToolkitConfig, run_dir: Path) -> Setup:
     micro, accum = batch_geometry(ds_config, D.world_size())
     base, base_head, zero3_base = load_frozen_base(cfg, ds_config, device)
     torch.manual_seed(t.seed)
-    heads = build_heads(cfg, base, base_head.weight)
+    heads = build_heads(cfg, base, base_head.weight, train_ds)
     objective = MedusaObjective(heads, base_head, t.loss, t.head_weight_decay, t.kl_temperature, t.kl_top_k)
 
     global_batch = micro * accum * D.world_size()
@@ -667,6 +677,9 @@ def save_heads(
             "config_hash": s.config_hash,
             "epoch_train_time_s": progress.epoch_time_s,
         }
+        if final.token_map is not None:
+            _, coverage = frequent_targets(s.train_ds, 0, final.token_map.tolist())
+            summary["truncated_vocab"] = {"size": len(final.token_map), "train_targets_covered": coverage}
         if cfg.train.teacher_cache:
             summary["teacher_cache"] = {"mode": cfg.train.teacher_cache, **teacher_report}
         (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
@@ -723,6 +736,7 @@ def _heads_args(heads: MedusaHeads) -> dict:
         "num_layers": c.medusa_num_layers,
         "head_type": c.head_type,
         "base_model_name_or_path": c.base_model_name_or_path,
+        "token_map": heads.token_map,
     }
 
 
