@@ -264,6 +264,18 @@ def build_model_card(info: CardInfo) -> ModelCard:
                 else "config.json sets `original_lm_head: true` and `lm_heads.0.weight` is the base lm_head."
             ),
         ]
+    if c.get("truncated_vocab_size"):
+        lines += [
+            "",
+            f"> **Truncated vocabulary.** The heads were trained to guess among the {c['truncated_vocab_size']} tokens "
+            "listed in the `token_map` tensor (those the base emitted most often in the training data). "
+            + (
+                "vLLM reads it (`truncated_vocab_size`) and drafts only those tokens."
+                if info.fmt != "medusa"
+                else "TGI and TensorRT-LLM do not know token maps, so the projections here cover the whole vocabulary: "
+                "the trained rows at the map's tokens and the base lm_head's rows elsewhere."
+            ),
+        ]
     sections = ["\n".join(lines) + "\n", _verification_section(info), _acceptance_section(info)]
     if info.tree:
         paths = info.tree.get("paths", [])

@@ -193,6 +193,7 @@ def test_recorded_conversations_keep_their_text_and_learn_the_base_argmax(tmp_pa
         assert row["labels"] != row["input_ids"]
     summary = json.loads((tmp_path / "run" / "data" / "data_summary.json").read_text())
     assert summary["turns_kept_as_recorded"] == 3 and summary["turns_regenerated"] == 0
+    assert summary["sequences_per_source"] == {"conversations:recorded": 2}
     assert summary["generated_tokens_this_run_rank0"] == 0 and summary["text_tokens_this_run_rank0"] > 0
 
     from medusa_toolkit.train.trainer import collate

@@ -116,8 +116,10 @@ def load_sources(cfg: ToolkitConfig, model, tokenizer, fits) -> tuple[list[Conve
         entry["available"], entry["taken"] = len(turns), min(count, len(turns))
         if not src.regenerate:
             entry["regenerate"] = False
+        # Recorded rows carry their own tag, so the summary and later subsets tell them from regenerated ones.
+        tag = src.source if src.regenerate else f"{src.source}:recorded"
         conversations += [
-            Conversation(t, src.source, None if src.regenerate else r) for t, r in zip(turns[:count], replies[:count])
+            Conversation(t, tag, None if src.regenerate else r) for t, r in zip(turns[:count], replies[:count])
         ]
         report.append(entry)
     return conversations, report
