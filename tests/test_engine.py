@@ -174,6 +174,35 @@ def test_engine_prompts_repeat_for_a_seed_where_the_server_honours_it(writer_ser
     assert engine.stats.requests == 3 * a[1]["sampled"] and not engine.refused
 
 
+def test_engine_prompts_from_a_server_that_ignores_stop_or_seed(tmp_path):
+    """Servers differ: one that keeps the end-of-turn text (ignoring `stop`) is cut there, one that answers 422 to
+    `seed` is asked again without it (and the summary says no seed was sent), no choices count as an empty prompt."""
+    import httpx
+
+    folder = char_model_dir(tmp_path / "model")
+    replies = iter(["abc de fg<|im_end|>hij", "abc de fg and more", None, "jj ii hh gg"])
+    bodies = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if "seed" in body:
+            return httpx.Response(422, text="Unexpected fields in the request: {'seed'}")
+        bodies.append(body)
+        text = next(replies)
+        choices = [] if text is None else [{"text": text, "finish_reason": "length"}]
+        return httpx.Response(200, json={"choices": choices})
+
+    cfg = _cfg(folder, sources=[SELF], engine="openai", endpoint="http://engine.test/v1", concurrency=1)
+    model, tok = base_model_metadata(str(folder))
+    engine = OpenAIEngine(cfg, tok, [tok.convert_tokens_to_ids("<|im_end|>")])
+    engine.client = httpx.Client(transport=httpx.MockTransport(handler))
+    kept, counts = engine_self_prompts(engine, tok, 1, system_prompt=None, temperature=1.0, top_p=1.0, max_tokens=9,
+                                       batch_size=4, seed=0, fits=lambda text: True)  # fmt: skip
+    assert kept == ["abc de fg"] and engine.refused == {"seed"}
+    assert (counts["sampled"], counts["kept"], counts["unfinished"], counts["empty"]) == (4, 1, 2, 1)
+    assert all(b["stop"] == ["<|im_end|>"] and b["prompt"] == "<|im_start|>user\n" for b in bodies)
+
+
 def test_unreachable_endpoint_and_unknown_model_are_clear_errors(served, tmp_path, monkeypatch):
     folder, endpoint = served
     prompts = tmp_path / "p.txt"
