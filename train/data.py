@@ -88,15 +88,24 @@ def load_sources(cfg: ToolkitConfig, model, tokenizer, fits) -> tuple[list[Conve
         replies: list = [None] * count
         try:
             if src.source == "self":
-                from medusa_toolkit.train.magpie import self_prompts
+                from medusa_toolkit.train import magpie
 
                 bar = tqdm(total=count, unit="prompt", desc="data: self-written prompts",
                            disable=not D.is_main() or not cfg.logging.progress)  # fmt: skip
-                texts, entry["self_prompts"] = self_prompts(
-                    model, tokenizer, count, system_prompt=d.system_prompt, temperature=src.temperature,
-                    top_p=src.top_p, max_tokens=src.max_tokens, batch_size=max(d.batch_size, 16), seed=d.seed,
-                    fits=fits, progress=lambda kept, bar=bar: bar.update(kept - bar.n),
-                )  # fmt: skip
+                sampling = {"temperature": src.temperature, "top_p": src.top_p, "max_tokens": src.max_tokens}
+                kw = {"system_prompt": d.system_prompt, "batch_size": max(d.batch_size, 16), "seed": d.seed,
+                      "fits": fits, "progress": lambda kept, bar=bar: bar.update(kept - bar.n), **sampling}  # fmt: skip
+                if d.engine == "openai":  # the server holds the weights; `model` here is only the base's configs
+                    from medusa_toolkit.train.engine import OpenAIEngine
+
+                    writer = OpenAIEngine(cfg, tokenizer, special_tokens.eos_ids(model))
+                    texts, entry["self_prompts"] = magpie.engine_self_prompts(writer, tokenizer, count, **kw)
+                    entry["written_by"] = {**writer.describe(), "requests": writer.stats.requests,
+                                           "retries": writer.stats.retries, "seed_sent": "seed" not in writer.refused}  # fmt: skip
+                else:
+                    texts, entry["self_prompts"] = magpie.self_prompts(model, tokenizer, count, **kw)
+                    entry["written_by"] = {"engine": "hf"}
+                entry["written_by"]["sampling"] = {**sampling, "seed": d.seed}
                 bar.close()
                 turns = [[t] for t in texts]
             elif not src.regenerate:  # recorded conversations kept as they are (config checks: chitchat or file)
@@ -352,8 +361,6 @@ def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     engine = None
     if d.engine == "openai":  # the server holds the weights: here only the tokenizer and configs are needed
         model, tokenizer = base_model_metadata(cfg.model.name_or_path)
-        if any(src.source == "self" for src in d.sources):
-            raise DataError("data source 'self' writes prompts with the in-process base; use data.engine: hf for it")
         from medusa_toolkit.train.engine import OpenAIEngine
 
         engine = OpenAIEngine(cfg, tokenizer, special_tokens.eos_ids(model))

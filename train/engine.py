@@ -11,6 +11,9 @@ put back when the server says it stopped there (`finish_reason: stop`, or a comp
 re-tokenized text). How often re-tokenizing was needed, and how often it disagreed with the server's own token count,
 is counted in the data summary. The prompt goes as text (what every engine accepts): where the tokenizer does not
 give the same ids back for it, that is counted too.
+
+Self-written prompts (data source `self`) come through `complete_text`: the chat template's text up to a user turn as a
+raw prompt, sampled with a seed per request (`seed`, dropped like `return_token_ids` where a server answers 422).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from urllib.parse import urlparse
 from medusa_toolkit.errors import ToolkitError
 
 RETRIES = 4
+OPTIONAL_FIELDS = ("return_token_ids", "seed")  # asked for where the server knows them, else left out
 
 
 class EngineError(ToolkitError, RuntimeError):
@@ -60,7 +64,7 @@ class OpenAIEngine:
         self.concurrency, self.timeout = d.concurrency, d.request_timeout
         key = os.environ.get(d.api_key_env)
         self.client = httpx.Client(timeout=d.request_timeout, headers={"Authorization": f"Bearer {key}"} if key else {})
-        self.ask_for_ids = True  # dropped after the first server that refuses the field
+        self.refused: set[str] = set()  # OPTIONAL_FIELDS this server answered 422 to: not sent again
         self.stats = EngineStats()
         self.lock = threading.Lock()  # requests run in threads; the counts are shared
 
@@ -78,6 +82,7 @@ class OpenAIEngine:
         import httpx
 
         for attempt in range(RETRIES + 1):
+            body = {k: v for k, v in body.items() if k not in self.refused}
             try:
                 response = self.client.post(self.url, json=body)
             except httpx.TransportError as e:
@@ -89,9 +94,10 @@ class OpenAIEngine:
             else:
                 if response.status_code < 300:
                     return response.json()
-                if response.status_code == 422 and "return_token_ids" in response.text and "return_token_ids" in body:
-                    self.ask_for_ids = False  # transformers serve: no such field; ask for text only
-                    body = {k: v for k, v in body.items() if k != "return_token_ids"}
+                named = [f for f in OPTIONAL_FIELDS if f in body and f in response.text]
+                if response.status_code == 422 and named:
+                    with self.lock:  # e.g. transformers serve has no return_token_ids: ask for text only
+                        self.refused.update(named)
                     continue
                 if response.status_code < 500 and response.status_code != 429:
                     raise EngineError(
@@ -111,8 +117,7 @@ class OpenAIEngine:
         body = {"model": self.model, "prompt": text, "max_tokens": self.max_tokens, "temperature": self.temperature}
         if self.top_p < 1.0:
             body["top_p"] = self.top_p
-        if self.ask_for_ids:
-            body["return_token_ids"] = True
+        body["return_token_ids"] = True
         answer = self._post(body)
         self._count(requests=1)
         choices = answer.get("choices") or []
@@ -144,11 +149,47 @@ class OpenAIEngine:
         self.stats.seconds += time.perf_counter() - start
         return out
 
+    def complete_text(
+        self, prompt: str, seeds: list[int], *, temperature: float, top_p: float, max_tokens: int, stop: list[str]
+    ) -> list[tuple[str, bool]]:
+        """Sampled completions of one raw text prompt, one request per seed (`data.concurrency` in flight): each as
+        (text cut at the first `stop` string, whether it ended there or at an end of turn rather than at max_tokens)."""
+
+        def one(seed: int) -> tuple[str, bool]:
+            body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+                    "seed": seed, "stop": stop}  # fmt: skip
+            if top_p < 1.0:
+                body["top_p"] = top_p
+            answer = self._post(body)
+            self._count(requests=1)
+            choices = answer.get("choices") or []
+            if not choices:  # counted as an empty prompt by the filter
+                self._count(empty=1)
+                return "", True
+            choice = choices[0]
+            text = choice.get("text") or ""
+            cut = min((text.index(s) for s in stop if s in text), default=None)
+            if cut is not None:  # a server that ignored `stop` and kept special tokens in the text
+                return text[:cut], True
+            if not text:
+                self._count(empty=1)
+            return text, choice.get("finish_reason") == "stop"
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            out = list(pool.map(one, seeds))
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    def describe(self) -> dict:
+        """Who answers: engine, endpoint host (never a key) and model."""
+        return {"engine": "openai", "endpoint_host": self.host, "model": self.model}
+
     def summary(self) -> dict:
         """What the data summary records: engine, host (never a key), sampling, and the token-id statistics."""
         s = self.stats
         return {
-            "engine": "openai", "endpoint_host": self.host, "model": self.model,
+            **self.describe(),
             "sampling": {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens},
             "requests": s.requests, "retries": s.retries, "engine_token_ids": s.engine_token_ids,
             "retokenized": s.retokenized, "retokenization_mismatch": s.retokenization_mismatch,

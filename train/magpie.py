@@ -2,11 +2,21 @@
 begins, writes a plausible user message itself. No dataset needed, and the prompts are as diverse as what the model
 expects users to ask (meal plans, code, travel, data questions, ...), which is what the heads must speed up.
 
-Prompts are sampled (seeded: `torch.manual_seed(seed, round)` before each batch), then filtered, every drop counted
-by reason: unfinished (no end of turn within max_tokens), empty, too short (< MIN_WORDS words), too long
-(> max_prompt_tokens once rendered), duplicate (same text after normalising case and spaces) and near duplicate
-(Jaccard similarity of word bigrams >= NEAR_DUPLICATE with a prompt already kept); the last round's extra
-prompts are counted as surplus. sampled = kept + every drop.
+Two writers, one filter. In-process (`self_prompts`, data.engine: hf) the base samples a round of prompts with
+`generate()` (seeded: `torch.manual_seed(seed, round)` before each batch). Through a serving engine
+(`engine_self_prompts`, data.engine: openai) the same template text goes as a raw prompt to the server's
+`/completions`, one request per prompt, each with its own seed derived from data.seed and stopping at the end-of-turn
+token's text. Either way every sampled prompt then passes `PromptFilter`, every drop counted by reason: unfinished (no
+end of turn within max_tokens), empty, too short (< MIN_WORDS words), too long (> max_prompt_tokens once rendered),
+duplicate (same text after normalising case and spaces) and near duplicate (Jaccard similarity of word bigrams >=
+NEAR_DUPLICATE with a prompt already kept); the last round's extra prompts are counted as surplus. sampled = kept +
+every drop.
+
+Reproducibility through an engine is the server's: vLLM seeds each request on its own, so the same data.seed gives
+the same prompts at any concurrency. `transformers serve` sets one process-wide torch seed per request, so its
+prompts repeat only with data.concurrency: 1 and without --continuous-batching (which ignores the seed); it also
+samples only where the model's generation_config.json says `do_sample: true` (temperature alone does not switch
+sampling on), else every request gives the same greedy prompt and all but one are counted as duplicates.
 """
 
 from __future__ import annotations
@@ -24,14 +34,15 @@ MARKER = "<<MEDUSA-TOOLKIT-USER-TURN>>"
 MIN_WORDS = 3
 NEAR_DUPLICATE = 0.7
 MAX_ROUNDS_FACTOR = 4  # give up after sampling this many times the prompts asked for
+REASONS = ("unfinished", "empty", "too_short", "too_long", "duplicate", "near_duplicate", "surplus")
 
 
 class MagpieError(ToolkitError, ValueError):
     """Self-generated prompts are impossible for this base (no chat template)."""
 
 
-def pre_query_ids(tokenizer, system_prompt: str | None) -> list[int]:
-    """The chat template rendered up to where the user's message begins (system prompt included where given)."""
+def pre_query_text(tokenizer, system_prompt: str | None) -> str:
+    """The chat template rendered (as text) up to where the user's message begins, system prompt included."""
     if not getattr(tokenizer, "chat_template", None):
         raise MagpieError(
             "data source 'self' needs a chat model: this tokenizer has no chat template, so the model cannot be asked "
@@ -41,7 +52,12 @@ def pre_query_ids(tokenizer, system_prompt: str | None) -> list[int]:
         {"role": "user", "content": MARKER}
     ]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    return tokenizer(text[: text.index(MARKER)], add_special_tokens=False)["input_ids"]
+    return text[: text.index(MARKER)]
+
+
+def pre_query_ids(tokenizer, system_prompt: str | None) -> list[int]:
+    """`pre_query_text` as token ids."""
+    return tokenizer(pre_query_text(tokenizer, system_prompt), add_special_tokens=False)["input_ids"]
 
 
 def _normalise(text: str) -> str:
@@ -51,6 +67,73 @@ def _normalise(text: str) -> str:
 def _bigrams(text: str) -> set[tuple[str, ...]]:
     words = _normalise(text).split()
     return {tuple(words[i : i + 2]) for i in range(max(1, len(words) - 1))}
+
+
+class PromptFilter:
+    """Keeps up to `count` sampled prompts that pass every filter, and counts every other one by its reason.
+
+    `fits(text)` says whether a prompt fits once rendered (the data stage's length limit).
+    """
+
+    def __init__(self, count: int, fits: Callable[[str], bool]):
+        self.count, self.fits = count, fits
+        self.kept: list[str] = []
+        self.seen: set[str] = set()
+        self.shingles: list[set] = []
+        self.dropped: Counter = Counter()
+        self.sampled = 0
+
+    def offer(self, text: str, finished: bool) -> None:
+        """One sampled prompt (already cut at its end of turn); `finished`: the model ended its turn."""
+        self.sampled += 1
+        text = text.strip()
+        reason = None
+        if not finished:
+            reason = "unfinished"
+        elif not text:
+            reason = "empty"
+        elif len(text.split()) < MIN_WORDS:
+            reason = "too_short"
+        elif not self.fits(text):
+            reason = "too_long"
+        elif _normalise(text) in self.seen:
+            reason = "duplicate"
+        else:
+            grams = _bigrams(text)
+            if any(len(grams & g) / len(grams | g) >= NEAR_DUPLICATE for g in self.shingles):
+                reason = "near_duplicate"
+        if reason is None and len(self.kept) >= self.count:
+            reason = "surplus"  # the last round sampled more than needed
+        if reason is not None:
+            self.dropped[reason] += 1
+            return
+        self.kept.append(text)
+        self.seen.add(_normalise(text))
+        self.shingles.append(_bigrams(text))
+
+    def counts(self) -> dict[str, int]:
+        """sampled, kept and every drop reason (zero included, so summaries always have the same keys)."""
+        return {"sampled": self.sampled, "kept": len(self.kept), **{r: self.dropped.get(r, 0) for r in REASONS}}
+
+
+def _collect(
+    count: int,
+    batch_size: int,
+    sample_round: Callable[[int], list[tuple[str, bool]]],
+    fits: Callable[[str], bool],
+    progress: Callable[[int], None] | None,
+) -> tuple[list[str], dict[str, int]]:
+    """Rounds of `sample_round(round)` ((text, finished) pairs) through one `PromptFilter` until `count` are kept or
+    MAX_ROUNDS_FACTOR x `count` were sampled."""
+    kept = PromptFilter(count, fits)
+    rounds = 0
+    while len(kept.kept) < count and rounds * batch_size < MAX_ROUNDS_FACTOR * count:
+        for text, finished in sample_round(rounds):
+            kept.offer(text, finished)
+        rounds += 1
+        if progress is not None:
+            progress(len(kept.kept))
+    return kept.kept, kept.counts()
 
 
 @torch.no_grad()
@@ -68,55 +151,55 @@ def self_prompts(
     fits: Callable[[str], bool],
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[str], dict[str, int]]:
-    """`count` user prompts the model writes itself, and the reasons every dropped one was dropped.
-
-    `fits(text)` says whether a prompt fits once rendered (the data stage's length limit).
-    """
+    """`count` user prompts the in-process model writes itself, and the reasons every dropped one was dropped."""
     prefix = pre_query_ids(tokenizer, system_prompt)
     eos = set(special_tokens.eos_ids(model))
     pad = special_tokens.pad_token_id(model, tokenizer)
     device = next(model.parameters()).device
-    kept: list[str] = []
-    seen: set[str] = set()
-    shingles: list[set] = []
-    dropped: Counter = Counter()
-    rounds = 0
-    while len(kept) < count and rounds * batch_size < MAX_ROUNDS_FACTOR * count:
-        torch.manual_seed(seed * 1_000_003 + rounds)  # each round seeded: the same prompts for any run
-        rounds += 1
+
+    def sample_round(r: int) -> list[tuple[str, bool]]:
+        torch.manual_seed(seed * 1_000_003 + r)  # each round seeded: the same prompts for any run
         ids = torch.tensor([prefix] * batch_size, device=device)
         out = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature, top_p=top_p,
             top_k=None, max_new_tokens=max_tokens, eos_token_id=list(eos) or None, pad_token_id=pad,
         )  # fmt: skip
+        texts = []
         for row in out[:, len(prefix) :].tolist():
             stop = next((i for i, t in enumerate(row) if t in eos), None)
-            text = tokenizer.decode(row[:stop] if stop is not None else row, skip_special_tokens=True).strip()
-            reason = None
-            if stop is None:
-                reason = "unfinished"
-            elif not text:
-                reason = "empty"
-            elif len(text.split()) < MIN_WORDS:
-                reason = "too_short"
-            elif not fits(text):
-                reason = "too_long"
-            elif _normalise(text) in seen:
-                reason = "duplicate"
-            else:
-                grams = _bigrams(text)
-                if any(len(grams & g) / len(grams | g) >= NEAR_DUPLICATE for g in shingles):
-                    reason = "near_duplicate"
-            if reason is None and len(kept) >= count:
-                reason = "surplus"  # the last round sampled more than needed
-            if reason is not None:
-                dropped[reason] += 1
-                continue
-            kept.append(text)
-            seen.add(_normalise(text))
-            shingles.append(_bigrams(text))
-        if progress is not None:
-            progress(len(kept))
-    reasons = ("unfinished", "empty", "too_short", "too_long", "duplicate", "near_duplicate", "surplus")
-    counts = {"sampled": rounds * batch_size, "kept": len(kept), **{r: dropped.get(r, 0) for r in reasons}}
-    return kept, counts
+            text = tokenizer.decode(row[:stop] if stop is not None else row, skip_special_tokens=True)
+            texts.append((text, stop is not None))
+        return texts
+
+    return _collect(count, batch_size, sample_round, fits, progress)
+
+
+def engine_self_prompts(
+    engine,
+    tokenizer,
+    count: int,
+    *,
+    system_prompt: str | None,
+    temperature: float,
+    top_p: float,
+    max_tokens: int,
+    batch_size: int,
+    seed: int,
+    fits: Callable[[str], bool],
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[str], dict[str, int]]:
+    """`count` user prompts the base behind `engine` (an `engine.OpenAIEngine`) writes itself, filtered and counted as
+    `self_prompts` does. Request j of round r is seeded with seed * 1_000_003 + r * batch_size + j: a different seed
+    for every request, the same ones on every run (whether the server honours them: see the module docstring)."""
+    prompt = pre_query_text(tokenizer, system_prompt)
+    # Servers strip special tokens from the text; asking them to stop at the end-of-turn text also covers a server
+    # whose generation config ends on another token than the chat template's end of turn.
+    stop = [t for t in (tokenizer.decode([e]) for e in engine.eos) if t.strip()]
+
+    def sample_round(r: int) -> list[tuple[str, bool]]:
+        seeds = [seed * 1_000_003 + r * batch_size + j for j in range(batch_size)]
+        return engine.complete_text(
+            prompt, seeds, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop
+        )
+
+    return _collect(count, batch_size, sample_round, fits, progress)
