@@ -174,3 +174,22 @@ def test_flash_decoding_attention_is_exact(backend):
     finally:
         set_backend(previous)
     assert model.base.config._attn_implementation == "sdpa"
+
+
+def test_one_node_tree_is_a_plain_greedy_step(setup, monkeypatch):
+    """The tuner's fallback (no speculation) runs the base exactly as its own greedy loop does: no tree mask."""
+    model, corpus = setup
+    masks = []
+    decoder = model.base.get_decoder()
+    forward = decoder.forward
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attention_mask"))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", spy)
+    ids = corpus[2:3, :6]
+    out = medusa_generate(model, ids, max_new_tokens=24, tree=MedusaTree.from_paths([]))
+    steps = list(masks)
+    assert torch.equal(out.sequences, reference(model, ids, 24)) and out.accept_lengths == [1] * 23
+    assert len(steps) == 24 and all(m is None for m in steps[1:])  # prefill, then 23 unmasked one-token steps

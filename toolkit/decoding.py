@@ -150,9 +150,13 @@ def row_tree_mask(buffers: TreeBuffers, lens: torch.Tensor, dtype: torch.dtype) 
 
 def attn_inputs(attn: str, buffers: TreeBuffers, lens: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
     """Keyword arguments that carry the tree mask to the attention: dense for sdpa/eager, compact for the kernel."""
+    n = buffers.attn_mask.shape[0]
     if attn == "medusa_flash_decoding":
-        n = buffers.attn_mask.shape[0]
         return {"attention_mask": None, "medusa_tree_mask": buffers.attn_mask, "medusa_kv_lens": lens + n}
+    if n == 1 and lens.shape[0] == 1:
+        # The 1-node tree of one row is a plain decoding step: its token sees every cached key, so no mask is needed
+        # and the base runs exactly as in its own greedy loop (the tuner's fallback costs nothing extra).
+        return {"attention_mask": None}
     return {"attention_mask": row_tree_mask(buffers, lens, dtype)}
 
 

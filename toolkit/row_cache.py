@@ -114,6 +114,10 @@ class RowCache(Cache):
     def keep_nodes(self, kept: torch.Tensor, counts: torch.Tensor) -> None:
         """Commit a step: row b keeps tree nodes kept[b, :counts[b]] right after its prefix."""
         s = self.state
+        if kept.shape[1] == 1:  # only the root, already written right after the prefix: nothing moves
+            s.lens = s.lens + counts
+            s.max_len = int(s.lens.max())
+            return
         src = s.lens[:, None] + kept  # [B, D + 1]; entries past counts[b] are harmless junk beyond the new length
         dst = s.lens[:, None] + torch.arange(kept.shape[1], device=kept.device)[None]
         for layer in self.layers:
