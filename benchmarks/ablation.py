@@ -44,7 +44,8 @@ VARIANTS = {
 
 def subset(data_dir: Path, sources: tuple[str, ...], generated_share: float, out: Path) -> dict[str, int]:
     """Write the rows of `sources` (the first `generated_share` of the generated ones) as a data artefact in `out`;
-    how many rows and trained tokens of each kind it holds."""
+    what it holds: rows, trained tokens (training rows) and response tokens (all rows) of each kind, self-written
+    prompts."""
     import datasets
 
     ds = datasets.load_from_disk(str(data_dir))
@@ -52,33 +53,30 @@ def subset(data_dir: Path, sources: tuple[str, ...], generated_share: float, out
     keep = set(generated[: round(len(generated) * generated_share)])
     keep |= {i for i, s in enumerate(ds["source"]) if s in sources and s in RECORDED}
     part = ds.select(sorted(keep))
-    part.save_to_disk(str(out))
-    (out / "state.json").write_text("{}\n")  # what load_data looks for; the stage machinery is not involved here
+    part.save_to_disk(str(out))  # load_data reads it as a data artefact (the stage machinery is not involved)
     count = defaultdict(int)
-    for source, mask, heldout in zip(part["source"], part["loss_mask"], part["heldout"]):
-        kind = "recorded" if source in RECORDED else "generated"
+    for row in part:
+        kind = "recorded" if row["source"] in RECORDED else "generated"
         count[f"{kind}_rows"] += 1
-        count[f"{kind}_tokens"] += 0 if heldout else sum(mask)
+        count["self_prompts"] += row["source"] == "self"
+        count[f"{kind}_tokens"] += 0 if row["heldout"] else sum(row["loss_mask"])
+        # what the data stage paid for: generated response tokens, or every token of a recorded row (one forward)
+        count[f"{kind}_stage_tokens"] += (
+            len(row["input_ids"]) - row["prompt_length"] if kind == "generated" else len(row["input_ids"])
+        )
     return dict(count)
 
 
-def data_seconds(summary: dict, counts: dict[str, int]) -> float:
-    """The data stage's time for a subset: generation at the stage's measured tokens/s for its answered tokens (self
-    prompt writing spread over the generated rows), one forward at the measured tokens/s for its recorded ones."""
-    gen_tokens = summary.get("generated_tokens_this_run_rank0") or 0
-    gen_rate = summary.get("generation_tokens_per_s_rank0") or 0
-    text_tokens = summary.get("text_tokens_this_run_rank0") or 0
-    text_rate = summary.get("text_tokens_per_s_rank0") or 0
-    gen_s = gen_tokens / gen_rate if gen_rate else 0.0
-    text_s = text_tokens / text_rate if text_rate else 0.0
-    other = max(0.0, summary["wall_time_s"] - gen_s - text_s)  # self-written prompts, loading
-    seconds = 0.0
-    if gen_tokens:
-        seconds += (gen_s + other) * counts.get("generated_tokens", 0) / gen_tokens
-    if text_tokens:
-        recorded_rows = sum(v for k, v in summary["sequences_per_source"].items() if k in RECORDED)
-        seconds += text_s * counts.get("recorded_rows", 0) / max(recorded_rows, 1)
-    return seconds
+def data_seconds(summary: dict, counts: dict[str, int], s_per_self_prompt: float) -> float:
+    """The data stage's time for a subset, from the stage's measured rates: generation tokens/s for its answers, the
+    forward's tokens/s for its recorded rows, plus `s_per_self_prompt` per self-written prompt."""
+    gen_rate = summary.get("generation_tokens_per_s_rank0") or float("inf")
+    text_rate = summary.get("text_tokens_per_s_rank0") or float("inf")
+    return (
+        counts.get("generated_stage_tokens", 0) / gen_rate
+        + counts.get("recorded_stage_tokens", 0) / text_rate
+        + counts.get("self_prompts", 0) * s_per_self_prompt
+    )
 
 
 def eval_answers(model, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], list[int]]]:
@@ -117,9 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="runs/ablation/data", help="the data artefact holding every source")
     p.add_argument("--config", default="configs/smollm2-135m.yaml", help="training settings (the demo's)")
     p.add_argument("--variants", default=None, help="comma-separated subset of: " + "; ".join(VARIANTS))
-    p.add_argument("--num-prompts", type=int, default=24, help="eval prompts, interleaved across the 4 domains")
+    p.add_argument("--num-prompts", type=int, default=16, help="eval prompts, interleaved across the 4 domains")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--trees", default="[[0]];[[0],[1]];[[0],[0,0]]", help="trees decoded per variant, ;-separated")
+    p.add_argument(
+        "--s-per-self-prompt", type=float, default=0.94,
+        help="data-stage seconds per kept self-written prompt (default: the idle demo run in RESULTS.md, 135 s for 144)",
+    )  # fmt: skip
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         trees = {spec: MedusaTree.from_paths(json.loads(spec)) for spec in args.trees.split(";")}
         decoded = validate(model, trees, prompts, args.max_new_tokens, progress=False, domains=domains)
         by_domain = decoded.pop("by_domain")
-        data_s = data_seconds(summary, counts)
+        data_s = data_seconds(summary, counts, args.s_per_self_prompt)
         minutes = (data_s + train_s) / 60
         results[name] = {
             "rows": counts,
