@@ -258,7 +258,7 @@ def test_no_weight_decay_on_biases(tmp_path, tiny):
     assert {p.dim() for g in groups for p in g["params"]} == {1, 2}
 
 
-def test_disk_teacher_cache_survives_resume_and_is_rebuilt_for_new_inputs(tmp_path, tiny, monkeypatch):
+def test_disk_teacher_cache_survives_resume_and_is_rebuilt_only_for_new_data_or_base(tmp_path, tiny, monkeypatch):
     """teacher_cache: disk writes each sequence's hidden states once (epoch 1 + the first evals), a resumed run takes
     every batch from it (no base forward at all), the heads equal an uncached run's, and other inputs rebuild it."""
     common = {"max_steps": 10, "checkpoint_every": 3, "log_every": 3, "eval_every": 3}
@@ -275,13 +275,30 @@ def test_disk_teacher_cache_survives_resume_and_is_rebuilt_for_new_inputs(tmp_pa
     report = json.loads((out / "training_summary.json").read_text())["teacher_cache"]
     assert report["mode"] == "disk" and report["batches_through_base"] == 0 and report["batches_from_cache"] == 6
     assert report["sequences_cached"] == 48 and report["bytes"] >= 48 * 44 * 64 * 4  # fp32 rows, hidden size 64
-    # Other train-stage inputs (here the learning rate): the cache is rebuilt, never reused.
+    # Data without a data-stage manifest (no content hash): every train-stage input keys the cache, so another
+    # learning rate rebuilds it.
     _, out = _run(tmp_path, tiny, "disk", teacher_cache="disk", max_steps=6, learning_rate=1e-2, eval_every=100)
     report = json.loads((out / "training_summary.json").read_text())["teacher_cache"]
     # Epoch 1 (5 steps) and the final held-out batch through the base; step 6 (epoch 2) from the new cache.
     assert report["batches_through_base"] == 6 and report["batches_from_cache"] == 1
     summary = json.loads((out / "training_summary.json").read_text())
     assert len(summary["epoch_train_time_s"]) == 2
+
+    def through_base(**train) -> int:
+        _, out = _run(tmp_path, tiny, "disk", teacher_cache="disk", max_steps=6, eval_every=100, **train)
+        return json.loads((out / "training_summary.json").read_text())["teacher_cache"]["batches_through_base"]
+
+    # Data from the data stage: the cache is keyed on its content and the base only, so a learning-rate sweep reuses
+    # it and new data rebuilds it.
+    manifest = tmp_path / "disk" / "data" / "manifest.json"  # the shared fixture's data folder: removed below
+    try:
+        manifest.write_text(json.dumps({"artefact_hash": "a" * 64}))
+        assert through_base(learning_rate=1e-2) == 6  # keyed differently from before: built once
+        assert through_base(learning_rate=3e-2) == 0 and through_base(learning_rate=5e-3, epochs=2.0) == 0
+        manifest.write_text(json.dumps({"artefact_hash": "b" * 64}))
+        assert through_base(learning_rate=3e-2) == 6
+    finally:
+        manifest.unlink()
 
 
 def test_zero3_partitioned_base_two_ranks_equals_one_rank(tmp_path, ragged):
@@ -330,3 +347,20 @@ def test_teacher_cache_decision_is_taken_by_all_ranks(tmp_path, tiny):
         with torch.no_grad():
             want = base.get_decoder()(got["ids"]).last_hidden_state
         torch.testing.assert_close(got["hidden"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_wandb_run_gets_the_whole_config(tmp_path, tiny, monkeypatch):
+    """The demo logs to wandb (offline without a key): the run must start with the config as a plain dict (the
+    suite otherwise disables wandb, which hid a crash here)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    raw = base_config(tiny[0])
+    raw["logging"]["wandb_mode"] = "offline"
+    cfg = config_from_dict(raw)
+    run = trainer._wandb(cfg, tmp_path, "0123456789abcdef")
+    try:
+        assert run.config["heads"]["num_heads"] == cfg.heads.num_heads
+        assert run.config["train"]["learning_rate"] == cfg.train.learning_rate
+    finally:
+        run.finish()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

@@ -173,7 +173,7 @@ class Teacher:
 class DiskCache:
     """Last hidden states of every sequence (train, then held-out), memory-mapped from one file under the run dir.
 
-    Layout of `root`: `meta.json` (the train stage's input hash, dtype, hidden size, per-sequence lengths),
+    Layout of `root`: `meta.json` (`teacher_key`: the data and the base; dtype, hidden size, per-sequence lengths),
     `hidden.bin` (all sequences' rows back to back, [sum(lengths), hidden] in the base's dtype) and `written.bin`
     (one byte per sequence, set after its rows). Any rank writes the sequences it computed (disjoint regions of a
     shared file; the run dir must be shared between nodes, as for checkpoints). Another hash, dtype or geometry:
@@ -235,6 +235,24 @@ def _sha(values: list[int]) -> str:
     return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
 
 
+def teacher_key(cfg: ToolkitConfig, run_dir: Path, chash: str) -> str:
+    """What the base's hidden states depend on: the data artefact's content and the base (weights, dtype, attention).
+    Learning rate, epochs or heads do not change them, so a sweep over those reuses the on-disk cache. Data made
+    outside the stages has no content hash to trust: then the whole train-stage input hash `chash` is the key."""
+    from medusa_toolkit.base_model import base_fingerprint
+    from medusa_toolkit.fingerprint import digest_of
+    from medusa_toolkit.stages import read_manifest
+
+    manifest = read_manifest(Path(run_dir) / "data")
+    if not manifest or not manifest.get("artefact_hash"):
+        return chash
+    m = cfg.model
+    return digest_of(
+        {"data": manifest["artefact_hash"], "base": base_fingerprint(m.name_or_path), "dtype": m.dtype,
+         "attn": m.attn_implementation}
+    )[:16]  # fmt: skip
+
+
 def make_teacher(cfg: ToolkitConfig, base, run_dir: Path, chash: str, train_ds, eval_ds) -> Teacher:
     """The Teacher for train.teacher_cache; disk: sequence lengths cut to max_seq_len, as `collate` cuts them."""
     mode = cfg.train.teacher_cache
@@ -242,7 +260,8 @@ def make_teacher(cfg: ToolkitConfig, base, run_dir: Path, chash: str, train_ds, 
         return Teacher(base, mode)
     max_len = cfg.train.max_seq_len
     lengths = [min(len(r["input_ids"]), max_len) for ds in (train_ds, eval_ds) for r in ds]
-    disk = DiskCache(Path(run_dir) / "teacher_cache", chash, lengths, base.config.hidden_size, base.dtype)
+    key = teacher_key(cfg, run_dir, chash)
+    disk = DiskCache(Path(run_dir) / "teacher_cache", key, lengths, base.config.hidden_size, base.dtype)
     return Teacher(base, False, disk)
 
 
@@ -407,7 +426,7 @@ def _wandb(cfg: ToolkitConfig, run_dir: Path, chash: str):
         name=cfg.logging.run_name or f"medusa-{chash}",
         mode=mode,
         dir=str(run_dir),
-        config=asdict(cfg),
+        config=cfg.to_dict(),
         reinit="finish_previous",
     )
     run.define_metric("step")
