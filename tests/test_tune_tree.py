@@ -192,6 +192,29 @@ def test_stage_writes_tree_and_plots(tiny, tmp_path):
     assert all(r["identical_to_greedy"] for r in results.values())
 
 
+def test_tuner_falls_back_to_the_one_node_tree_when_no_tree_pays(tiny, tmp_path, monkeypatch):
+    """A tuned tree that decodes slower than base greedy on the validation prompts is never shipped: tree.json holds
+    the 1-node tree, says why, and predicts what that tree does (one token per step)."""
+    from medusa_toolkit import tree_tuning
+
+    model, corpus = tiny
+    cfg, run_dir, out = _fake_run(tmp_path, model, corpus)
+    real = tree_tuning.validate
+
+    def slow(*args, **kwargs):
+        results = real(*args, **kwargs)
+        results["tuned"]["speedup_vs_base"] = 0.8  # as if this machine verified trees slowly
+        return results
+
+    monkeypatch.setattr(tree_tuning, "validate", slow)
+    run_tree(cfg, run_dir, out)
+    record = json.loads((out / "tree.json").read_text())
+    tree = MedusaTree.from_file(out / "tree.json")
+    assert tree.num_nodes == 1 and record["num_nodes"] == 1 and record["paths"] == []
+    assert "no tree paid" in record["fallback"] and record["validation"]["notes"][-1] == record["fallback"]
+    assert record["predicted_accept_length"] == 1.0
+
+
 def test_stage_rejects_heads_for_another_base(tiny, tmp_path):
     model, corpus = tiny
     wrong = MedusaHeads(hidden_size=32, vocab_size=256, num_heads=2)

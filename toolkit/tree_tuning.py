@@ -272,7 +272,10 @@ def tune_tree(
             notes.append(fallback)
             log(f"tree: {fallback}")
             tree = MedusaTree.from_paths([], name="root-only (no tree paid)")
-            record.update(name=tree.name, paths=[], top_k=tree.top_k, num_nodes=1, fallback=fallback)
+            # What tree.json predicts is now the 1-node tree's: one token per step, at its own timed speed.
+            one_node = dict(zip(result.budgets or [], result.tokens_per_second or [])).get(1)
+            record.update(name=tree.name, paths=[], top_k=tree.top_k, num_nodes=1, fallback=fallback,
+                          predicted_accept_length=1.0, predicted_tokens_per_second=one_node)  # fmt: skip
         record["validation"] = {
             "num_prompts": len(validation_prompts),
             "max_new_tokens": max_new_tokens,
@@ -297,10 +300,10 @@ def tune_tree(
     target = out_file
     target.write_text(json.dumps(record, indent=2) + "\n")
     MedusaTree.from_file(target)  # what we wrote must load
-    tps = result.predicted_tokens_per_second
+    tps = record["predicted_tokens_per_second"]
     log(
         f"tree: {tree.num_nodes} nodes (depth {tree.depth}, top-{tree.top_k}), predicted accepted length "
-        f"{result.predicted_accept_length:.2f}"
+        f"{record['predicted_accept_length']:.2f}"
         + (f", predicted {tps:.1f} decode tokens/s" if tps else "")
         + f" -> {target}"
     )
