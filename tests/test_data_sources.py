@@ -89,6 +89,26 @@ def test_self_prompts_need_a_chat_template():
         pre_query_ids(byte_tokenizer(chat_template=False), None)
 
 
+def test_no_prompt_kept_says_why_not_to_raise_the_prompt_length(tmp_path, monkeypatch):
+    """Every self-written prompt dropped: the error names the source and its drop reasons, not max_prompt_tokens."""
+    from medusa_toolkit.train import magpie
+
+    base, tok = ascii_talker()
+    model_dir = tmp_path / "model"
+    base.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    monkeypatch.setattr(data_mod, "load_base_model", lambda *a, **k: (base, tok))
+    counts = {"sampled": 8, "kept": 0, "unfinished": 6, "too_short": 2}
+    monkeypatch.setattr(magpie, "self_prompts", lambda *a, **k: ([], counts))
+    raw = base_config(model_dir)
+    raw["data"]["sources"] = [{"source": "self"}]
+    with pytest.raises(
+        data_mod.DataError, match=r"gave no prompts \(self: 0 of 8, sampled 8, unfinished 6, too_short 2\)"
+    ) as e:
+        run_pipeline(config_from_dict(raw), tmp_path / "run", ["data"])
+    assert "max_prompt_tokens" not in str(e.value)
+
+
 def test_mixed_sources_honour_their_weights(tmp_path):
     assert data_mod.source_counts([3.0, 1.0], 8) == [6, 2]
     assert data_mod.source_counts([1.0, 1.0, 1.0], 10) == [4, 3, 3] and sum(data_mod.source_counts([0.3, 0.7], 7)) == 7

@@ -393,6 +393,16 @@ def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
             payload = {"conversations": [vars(c) for c in convos], "report": report}
             (parts / ".sources.tmp").write_text(json.dumps(payload))
             (parts / ".sources.tmp").rename(sources_file)
+    if not convos:  # nothing to skip: the sources themselves gave nothing (e.g. every self-written prompt dropped)
+        given = "; ".join(
+            f"{e['source']}: {e['taken']} of {e['requested']}"
+            + "".join(f", {k} {v}" for k, v in e.get("self_prompts", {}).items() if v and k != "kept")
+            for e in report
+        )
+        raise DataError(
+            f"data stage: the prompt sources gave no prompts ({given}); add another source or raise data.num_prompts "
+            "(self-written prompts: raise the source's max_tokens if most were unfinished)"
+        )
     skipped = {"too_long": 0, "empty": 0}
     items = []
     for i, convo in enumerate(convos):
