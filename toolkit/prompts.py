@@ -271,6 +271,14 @@ def check_prompt_source(source: str, path: str | None, section: str) -> None:
         )
 
 
+def chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    """Token ids of `messages` rendered with the tokenizer's chat template (its generation prompt appended or not)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def render_prompt(
     tokenizer, prompt: str, use_chat_template: bool = True, system_prompt: str | None = None
 ) -> list[int]:
@@ -282,10 +290,7 @@ def render_prompt(
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
             {"role": "user", "content": prompt}
         ]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
-            ids = ids["input_ids"]
-        return list(ids)
+        return chat_ids(tokenizer, messages, generation_prompt=True)
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
     if not ids or (tokenizer.bos_token_id is not None and ids[0] != tokenizer.bos_token_id and not prompt):
         if tokenizer.bos_token_id is None:

@@ -27,6 +27,7 @@ from medusa_toolkit.config import ToolkitConfig
 from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.prompts import (
     PromptError,
+    chat_ids,
     chitchat_conversations,
     load_conversations,
     load_prompts,
@@ -151,8 +152,7 @@ def render_turns(tokenizer, cfg: ToolkitConfig, convo: Conversation, replies: li
         messages.append({"role": "user", "content": user})
         if reply is not None:
             messages.append({"role": "assistant", "content": reply})
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+    return chat_ids(tokenizer, messages, generation_prompt=True)
 
 
 @torch.no_grad()
@@ -263,20 +263,15 @@ def _recorded_ids(tokenizer, cfg: ToolkitConfig, convo: Conversation) -> tuple[l
     starts: list[int] = []
     for user, reply in zip(convo.users, convo.replies):
         messages.append({"role": "user", "content": user})
-        context = _chat_ids(tokenizer, messages, True)
+        context = chat_ids(tokenizer, messages, generation_prompt=True)
         messages.append({"role": "assistant", "content": reply})
-        full = _chat_ids(tokenizer, messages, False)
+        full = chat_ids(tokenizer, messages, generation_prompt=False)
         if context[: len(ids)] != ids or full[: len(context)] != context:
             return ids, mask, starts, True
         starts.append(len(context))
         mask += [int(d.train_on_prompt)] * (len(context) - len(ids)) + [1] * (len(full) - len(context))
         ids = full
     return ids, mask, starts, False
-
-
-def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
 
 
 @torch.no_grad()
