@@ -295,38 +295,45 @@ def _truncate(tokens: list[int], eos: set[int], budget: int) -> tuple[list[int],
     return tokens, False
 
 
-def _registered(attn: str) -> str:
-    """The name transformers knows an implementation by (registering our kernel on first use)."""
+def _registered(attn: str, device: torch.device, plain: bool = False) -> str:
+    """The name transformers knows an implementation by (registering ours on first use). On CPU `sdpa` becomes the
+    same SDPA with grouped-query heads kept inside it under tree masks (medusa_toolkit.cpu_attention), unless `plain`."""
     if attn == "medusa_flash_decoding":
         from medusa_toolkit.kernels import register_attention
 
         return register_attention()
+    if attn == "sdpa" and device.type == "cpu" and not plain:
+        from medusa_toolkit.cpu_attention import register_cpu_sdpa
+
+        return register_cpu_sdpa()
     return attn
 
 
-def _user_facing(registered: str) -> str:
-    return (
-        "sdpa" if registered is None else ("medusa_flash_decoding" if registered.startswith("medusa_") else registered)
-    )
+def _user_facing(registered: str | None) -> str:
+    if registered is None or registered == "medusa_cpu_sdpa":
+        return "sdpa"
+    return "medusa_flash_decoding" if registered.startswith("medusa_") else registered
 
 
 class use_attention:
-    """Context manager: run the base model with a given attention implementation, then restore the previous one."""
+    """Context manager: run the base model with a given attention implementation (None: the model's current one),
+    then restore the previous one. `plain=True` keeps transformers' own `sdpa` on CPU (the reference decoder)."""
 
-    def __init__(self, model: MedusaModel, attn: str | None):
-        self.model, self.attn, self.previous = model, attn, None
+    def __init__(self, model: MedusaModel, attn: str | None, plain: bool = False):
+        self.model, self.attn, self.plain, self.previous = model, attn, plain, None
 
     def __enter__(self) -> str:
-        current = _user_facing(self.model.base.config._attn_implementation)
-        if self.attn is None or self.attn == current:
-            return current
-        if self.attn not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(
-                f"attn_implementation {self.attn!r} is unknown; use one of {', '.join(ATTN_IMPLEMENTATIONS)}"
-            )
-        self.previous = self.model.base.config._attn_implementation
-        self.model.base.set_attn_implementation(_registered(self.attn))
-        return self.attn
+        current = self.model.base.config._attn_implementation
+        wanted = _user_facing(current) if self.attn is None else self.attn
+        if wanted not in ATTN_IMPLEMENTATIONS:
+            if self.attn is None:
+                return wanted  # an implementation the user loaded the base with (e.g. flex_attention): left alone
+            raise ValueError(f"attn_implementation {wanted!r} is unknown; use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        target = _registered(wanted, self.model.device, self.plain)
+        if target != (current or "sdpa"):
+            self.previous = current or "sdpa"
+            self.model.base.set_attn_implementation(target)
+        return wanted
 
     def __exit__(self, *exc: Any) -> None:
         if self.previous is not None:

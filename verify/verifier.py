@@ -89,7 +89,7 @@ def reference_generate(
         do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos or None, pad_token_id=pad,
         bos_token_id=base.generation_config.bos_token_id, output_logits=True, return_dict_in_generate=True,
     )  # fmt: skip
-    with use_attention(model, "sdpa"):
+    with use_attention(model, "sdpa", plain=True):
         start = time.perf_counter()
         out = base.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen)
         seconds = time.perf_counter() - start
