@@ -114,20 +114,24 @@ class RowCache(Cache):
     def keep_nodes(self, kept: torch.Tensor, counts: torch.Tensor) -> None:
         """Commit a step: row b keeps tree nodes kept[b, :counts[b]] right after its prefix."""
         s = self.state
-        if kept.shape[1] == 1:  # only the root, already written right after the prefix: nothing moves
-            s.lens = s.lens + counts
-            s.max_len = int(s.lens.max())
-            return
-        src = s.lens[:, None] + kept  # [B, D + 1]; entries past counts[b] are harmless junk beyond the new length
-        dst = s.lens[:, None] + torch.arange(kept.shape[1], device=kept.device)[None]
+        steps = torch.arange(kept.shape[1], device=kept.device)[None]
+        # Nodes already where they belong (the root; a chain's or a tree's first branch accepted from the root down)
+        # need no move: skipping saves a gather and a scatter per layer on most steps of a chain.
+        in_place = bool(((kept == steps) | (steps >= counts[:, None])).all())
+        if not in_place:
+            self._move(s.lens[:, None] + kept, s.lens[:, None] + steps)
+        s.lens = s.lens + counts
+        s.max_len = int(s.lens.max())
+
+    def _move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy every layer's cached K/V at positions src [B, K] to dst [B, K] (entries past a row's count are junk
+        beyond its new length, harmless)."""
         for layer in self.layers:
             for name in ("keys", "values"):
                 t = getattr(layer, name)
-                shape = (t.shape[0], t.shape[1], kept.shape[1], t.shape[3])
+                shape = (t.shape[0], t.shape[1], src.shape[1], t.shape[3])
                 moved = t.gather(2, src[:, None, :, None].expand(shape))
                 t.scatter_(2, dst[:, None, :, None].expand(shape), moved)
-        s.lens = s.lens + counts
-        s.max_len = int(s.lens.max())
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop finished rows from the batch."""
