@@ -54,34 +54,80 @@ def test_self_prompts_are_seeded_deduplicated_and_every_drop_is_counted():
     assert counts["too_short"] + counts["too_long"] + counts["unfinished"] > 0  # the filters really ran
 
 
-def test_self_prompt_filters_on_scripted_outputs():
+def test_self_prompt_filters_on_scripted_outputs(monkeypatch):
     """Exact and near duplicates, empty, short and unfinished outputs are each dropped and counted."""
+    from medusa_toolkit.train import magpie
+
     tok = byte_tokenizer()
-    prefix = pre_query_ids(tok, None)
     texts = ["plan a trip to the sea", "Plan a  trip to the SEA!", "plan a trip to the sea please", "hi", "",
              "write a python function that sorts", None]  # fmt: skip
 
-    class Scripted(torch.nn.Module):
-        generation_config = type("G", (), {"eos_token_id": EOS, "pad_token_id": None})()
+    def scripted(model, prefix, rows, max_tokens, *args):
+        assert prefix == pre_query_ids(tok, None) and rows == len(texts) and max_tokens == 40
+        # The last row never ends its turn.
+        return [(tok(t, add_special_tokens=False)["input_ids"], True) if t is not None else ([97] * 40, False)
+                for t in texts]  # fmt: skip
 
-        def __init__(self):
-            super().__init__()
-            self.p = torch.nn.Parameter(torch.zeros(1))
-
-        def generate(self, input_ids, **kw):
-            rows = []
-            for t in texts:
-                ids = tok(t, add_special_tokens=False)["input_ids"] + [EOS] if t is not None else [97] * 41
-                rows.append(prefix + ids + [EOS] * (41 - len(ids)))  # the last row never ends its turn
-            return torch.tensor(rows)
-
-    kept, counts = self_prompts(Scripted(), tok, 10, system_prompt=None, temperature=1.0, top_p=1.0, max_tokens=40,
+    monkeypatch.setattr(magpie, "sample_turns", scripted)
+    kept, counts = self_prompts(None, tok, 10, system_prompt=None, temperature=1.0, top_p=1.0, max_tokens=40,
                                 batch_size=len(texts), seed=0, fits=lambda t: True)  # fmt: skip
     assert kept == ["plan a trip to the sea", "write a python function that sorts"]
     # 6 rounds of the same 7 outputs (10 prompts asked, at most 4x that sampled): after round 1 every keeper repeats.
     assert counts["sampled"] == 42 and counts["kept"] == 2
     assert (counts["duplicate"], counts["near_duplicate"], counts["too_short"], counts["empty"], counts["unfinished"]) \
         == (1 + 5 * 3, 6, 6, 6, 6)  # fmt: skip
+
+
+def test_nucleus_is_generates_top_p_even_when_it_outgrows_the_candidates(monkeypatch):
+    """The tokens the sampler can return are exactly those TopPLogitsWarper keeps, for rows whose nucleus fits in
+    the candidates and for rows (flat distributions) that need the whole vocabulary; and it returns nothing else."""
+    from transformers import TopPLogitsWarper
+
+    from medusa_toolkit.train import magpie
+
+    monkeypatch.setattr(magpie, "NUCLEUS_CANDIDATES", 16)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 200, generator=g) * torch.tensor([[8.0], [4.0], [0.5], [0.1]])  # peaked ... flat
+    for top_p, temperature in ((0.9, 1.0), (0.5, 0.7), (0.999, 1.3)):
+        warped = TopPLogitsWarper(top_p)(None, logits / temperature)
+        expected = [set(torch.nonzero(row > float("-inf")).flatten().tolist()) for row in warped]
+        assert len(expected[0]) < 16 < len(expected[3])  # both paths are exercised
+        probs, index = magpie.nucleus(logits, temperature, top_p)
+        assert [set(i[p > 0].tolist()) for p, i in zip(probs, index)] == expected
+        for u in torch.linspace(0, 0.9999, 200):
+            tokens = magpie.nucleus_sample(logits, temperature, top_p, u.repeat(4)).tolist()
+            assert all(t in nucleus for t, nucleus in zip(tokens, expected))
+        most_likely = logits.argmax(-1).tolist()
+        assert magpie.nucleus_sample(logits, temperature, top_p, torch.zeros(4)).tolist() == most_likely
+
+
+def test_sample_turns_equal_row_by_row_sampling_without_a_cache(monkeypatch):
+    """Every row of the batched, cached loop (shared prefix run once, finished rows dropped) is the row sampled alone
+    by full forwards from the same uniform numbers; and finished rows really leave the batch."""
+    from medusa_toolkit.train import magpie
+
+    base, tok = ascii_talker(eos_bias=1.0)
+    prefix, rows, max_tokens, eos = pre_query_ids(tok, None), 6, 24, {EOS}
+    widths = []
+    real_forward = base.forward
+    monkeypatch.setattr(base, "forward", lambda *a, **k: widths.append(len(k.get("input_ids", a[0] if a else None)))
+                        or real_forward(*a, **k))  # fmt: skip
+    turns = magpie.sample_turns(base, prefix, rows, max_tokens, 0.9, 0.8, eos, seed=5)
+    assert widths[0] == 1 and widths[1] == rows and widths[-1] < rows  # the prefix once; then the batch shrinks
+    assert any(done for _, done in turns) and any(len(t) > 3 for t, _ in turns)
+    g = torch.Generator().manual_seed(5)
+    uniforms = [torch.rand(rows, generator=g) for _ in range(max_tokens)]
+    for row, (tokens, done) in enumerate(turns):
+        ids, expected_done = list(prefix), False
+        for step in range(max_tokens):
+            with torch.no_grad():
+                logits = real_forward(torch.tensor([ids])).logits[:, -1]
+            token = int(magpie.nucleus_sample(logits, 0.9, 0.8, uniforms[step][row : row + 1])[0])
+            if token in eos:
+                expected_done = True
+                break
+            ids.append(token)
+        assert (ids[len(prefix) :], expected_done) == (tokens, done), f"row {row}"
 
 
 def test_self_prompts_need_a_chat_template():

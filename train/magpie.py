@@ -3,7 +3,8 @@ begins, writes a plausible user message itself. No dataset needed, and the promp
 expects users to ask (meal plans, code, travel, data questions, ...), which is what the heads must speed up.
 
 Two writers, one filter. In-process (`self_prompts`, data.engine: hf) the base samples a round of prompts with
-`generate()` (seeded: `torch.manual_seed(seed, round)` before each batch). Through a serving engine
+its own sampling loop (`sample_turns`: seeded per round, finished rows leave the batch, top-p decided among the
+most likely tokens only). Through a serving engine
 (`engine_self_prompts`, data.engine: openai) the same template text goes as a raw prompt to the server's
 `/completions`, one request per prompt, each with its own seed derived from data.seed and stopping at the end-of-turn
 token's text. Either way every sampled prompt then passes `PromptFilter`, every drop counted by reason: unfinished (no
@@ -26,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import torch
+from transformers import DynamicCache
 
 from medusa_toolkit import special_tokens
 from medusa_toolkit.errors import ToolkitError
@@ -136,7 +138,75 @@ def _collect(
     return kept.kept, kept.counts()
 
 
+NUCLEUS_CANDIDATES = 1024  # top-p is decided among this many most likely tokens, the whole vocabulary only if short
+
+
+def nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """generate()'s top-p nucleus (TopPLogitsWarper) of logits [B, V] after temperature: probabilities [B, K], most
+    likely first and 0 outside the nucleus, and their token ids [B, K].
+
+    A token is kept while the mass before it is < top_p. The nucleus almost always lies within the NUCLEUS_CANDIDATES
+    most likely tokens, so only those are sorted (a full sort of a 49k vocabulary per row per token, plus
+    multinomial's random numbers over all of it, cost more than the model's forward at batch 32 on a CPU); when some
+    row's candidates hold less than top_p, the whole vocabulary is sorted instead.
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    top, index = probs.topk(k, dim=-1)
+    if k < probs.shape[-1] and bool((top.sum(-1) < top_p).any()):
+        top, index = probs.sort(dim=-1, descending=True)
+    return top * ((top.cumsum(-1) - top) < top_p), index
+
+
+def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row [B] from the `nucleus` of logits [B, V], by inverse CDF at `uniform` [B] in [0, 1)."""
+    top, index = nucleus(logits, temperature, top_p)
+    cdf = top.cumsum(-1)
+    pick = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp(max=top.shape[-1] - 1)
+    return index.gather(1, pick)[:, 0]
+
+
 @torch.no_grad()
+def sample_turns(
+    model, prefix: list[int], rows: int, max_tokens: int, temperature: float, top_p: float, eos: set[int], seed: int
+) -> list[tuple[list[int], bool]]:
+    """`rows` continuations of one shared `prefix`: (token ids before the end of turn, whether the turn ended).
+
+    The prefix runs once and its keys/values are copied to every row. A row leaves the batch at its end of turn, so
+    finished rows stop costing compute (generate() computes every row until the last one ends). Each step draws one
+    uniform number per original row from a generator seeded with `seed`, so a row's text depends only on the seed,
+    its index and its own tokens, never on which other rows are still running.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    cache = DynamicCache(config=model.config)
+    out = model(torch.tensor([prefix], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(rows)
+    logits = out.logits[:, -1].expand(rows, -1)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    finished = [False] * rows
+    alive = list(range(rows))
+    for step in range(max_tokens):
+        uniform = torch.rand(rows, generator=generator)[alive]
+        chosen = nucleus_sample(logits, temperature, top_p, uniform.to(logits.device))
+        still = []
+        for i, (row, token) in enumerate(zip(alive, chosen.tolist())):
+            if token in eos:
+                finished[row] = True
+            else:
+                tokens[row].append(token)
+                still.append(i)
+        if not still or step == max_tokens - 1:
+            break
+        if len(still) < len(alive):
+            keep = torch.tensor(still, device=device)
+            cache.batch_select_indices(keep)
+            chosen, alive = chosen[keep], [alive[i] for i in still]
+        position = torch.full((len(alive), 1), len(prefix) + step, device=device)
+        logits = model(chosen[:, None], position_ids=position, cache=cache, use_cache=True).logits[:, -1]
+    return list(zip(tokens, finished))
+
+
 def self_prompts(
     model,
     tokenizer,
@@ -154,22 +224,10 @@ def self_prompts(
     """`count` user prompts the in-process model writes itself, and the reasons every dropped one was dropped."""
     prefix = pre_query_ids(tokenizer, system_prompt)
     eos = set(special_tokens.eos_ids(model))
-    pad = special_tokens.pad_token_id(model, tokenizer)
-    device = next(model.parameters()).device
 
     def sample_round(r: int) -> list[tuple[str, bool]]:
-        torch.manual_seed(seed * 1_000_003 + r)  # each round seeded: the same prompts for any run
-        ids = torch.tensor([prefix] * batch_size, device=device)
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature, top_p=top_p,
-            top_k=None, max_new_tokens=max_tokens, eos_token_id=list(eos) or None, pad_token_id=pad,
-        )  # fmt: skip
-        texts = []
-        for row in out[:, len(prefix) :].tolist():
-            stop = next((i for i, t in enumerate(row) if t in eos), None)
-            text = tokenizer.decode(row[:stop] if stop is not None else row, skip_special_tokens=True)
-            texts.append((text, stop is not None))
-        return texts
+        turns = sample_turns(model, prefix, batch_size, max_tokens, temperature, top_p, eos, seed * 1_000_003 + r)
+        return [(tokenizer.decode(ids, skip_special_tokens=True), done) for ids, done in turns]
 
     return _collect(count, batch_size, sample_round, fits, progress)
 
