@@ -364,3 +364,24 @@ def test_wandb_run_gets_the_whole_config(tmp_path, tiny, monkeypatch):
     finally:
         run.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_a_killed_builds_stale_lock_is_removed_before_it_can_hang_a_run(tmp_path, monkeypatch, capsys):
+    """torch's FileBaton waits forever on a JIT-build lock a killed run left; old locks go, a live build's stays."""
+    import os
+    import time
+
+    from medusa_toolkit.train import distributed
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = [tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "other_op" / "lock"]
+    live = tmp_path / "being_built" / "lock"
+    for lock in [*stale, live]:
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - distributed.STALE_BUILD_LOCK_S - 60
+    for lock in stale:
+        os.utime(lock, (old, old))
+    assert sorted(distributed.clear_stale_build_locks()) == sorted(stale)
+    assert live.exists() and not any(lock.exists() for lock in stale)
+    assert "stale build lock" in capsys.readouterr().err

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+# A first JIT build of DeepSpeed's CPU communication op takes about a minute; a build lock this old was left by a build
+# that was killed (SIGTERM/SIGKILL skip torch's cleanup), and torch's FileBaton would wait on it forever.
+STALE_BUILD_LOCK_S = 600
 
 
 def _free_port() -> int:
@@ -19,10 +26,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def clear_stale_build_locks() -> list[Path]:
+    """Remove the JIT-build lock files of torch extensions (TORCH_EXTENSIONS_DIR, or torch's default root) older than
+    STALE_BUILD_LOCK_S, saying so on stderr; returns them. A live build holds its lock for about a minute."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:  # <root>/<op>/lock, or <root>/py311_cpu/<op>/lock
+        try:
+            if time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
+                lock.unlink()
+                removed.append(lock)
+                print(f"removed a stale build lock left by a killed run (it would hang this one): {lock}",
+                      file=sys.stderr)  # fmt: skip
+        except FileNotFoundError:  # another rank removed it first
+            pass
+    return removed
+
+
 def init_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed (idempotent); a bare process becomes a world of one."""
     if dist.is_available() and dist.is_initialized():
         return
+    clear_stale_build_locks()
     if "RANK" not in os.environ:  # not under a launcher: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
