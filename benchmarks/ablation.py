@@ -39,6 +39,10 @@ VARIANTS = {
     "generated+recorded, vocab 8k, 4 epochs": (
         GENERATED + RECORDED, 1.0, {"heads.truncated_vocab_size": 8192, "train.epochs": 4.0}
     ),
+    "generated, vocab 8k, 4 epochs": (GENERATED, 1.0, {"heads.truncated_vocab_size": 8192, "train.epochs": 4.0}),
+    "generated, vocab 8k, per-head lm_head": (
+        GENERATED, 1.0, {"heads.truncated_vocab_size": 8192, "heads.head_type": "per_head_lm_head"}
+    ),
 }  # fmt: skip
 
 
