@@ -234,3 +234,33 @@ def test_stage_rejects_empty_eval_split(tiny, tmp_path):
     (run_dir / "data2").rename(run_dir / "data")
     with pytest.raises(CalibrationError, match="is empty"):
         run_tree(cfg, run_dir, out)
+
+
+def test_calibration_on_eval_prompts_never_overlaps_the_validation_prompts(tiny, tmp_path, monkeypatch):
+    """calibrate_on: prompts ignores the data rows; with eval prompts for both, calibration takes the eval prompts
+    after the validation ones, so the tree is checked on prompts it was not fitted to."""
+    from medusa_toolkit import tree_tuning
+
+    model, corpus = tiny
+    cfg, run_dir, out = _fake_run(tmp_path, model, corpus)
+    cfg = config_from_dict({**cfg.to_dict(), "tree": {**cfg.to_dict()["tree"], "calibrate_on": "prompts",
+                                                      "prompts": "eval", "validation_prompts": "eval"}})  # fmt: skip
+    seen = {}
+    real_calibrate, real_validate = tree_tuning.calibrate_prompts, tree_tuning.validate
+
+    def calibrate(model, prompts, *args, **kwargs):
+        seen["calibration"] = prompts
+        return real_calibrate(model, prompts, *args, **kwargs)
+
+    def validate(model, trees, prompts, *args, **kwargs):
+        seen["validation"] = prompts
+        return real_validate(model, trees, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(tree_tuning, "calibrate_prompts", calibrate)
+    monkeypatch.setattr(tree_tuning, "validate", validate)
+    monkeypatch.setattr(tree_tuning, "calibrate_sequences", lambda *a, **k: pytest.fail("calibrated on data rows"))
+    run_tree(cfg, run_dir, out)
+    record = json.loads((out / "tree.json").read_text())
+    assert record["calibration"]["source"].startswith("eval prompts")
+    assert len(seen["calibration"]) == 5 and len(seen["validation"]) == 2
+    assert not {tuple(p) for p in seen["calibration"]} & {tuple(p) for p in seen["validation"]}

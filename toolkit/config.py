@@ -177,9 +177,15 @@ class TreeConfig(Section):
     top_k: PositiveInt = 10
     # speed: max predicted tokens/s from measured step latency; acceptance: max expected accepted length.
     objective: Literal["speed", "acceptance"] = "speed"
-    # Prompts whose greedy text calibrates the acceptance tables and validates the choice, when the data stage left
-    # no held-out rows: chitchat (its held-out split), builtin, or a prompts file (with `prompt_field`).
+    # Prompts whose greedy text calibrates the acceptance tables (and validates the choice, with validation_prompts:
+    # calibration) when calibrate_on is `prompts` or the data stage left no held-out rows: chitchat (its held-out
+    # split), eval (the held-out multi-domain set; with eval validation, the prompts after the validation ones),
+    # builtin, or a prompts file (with `prompt_field`).
     prompts: str = "chitchat"
+    # data: the data stage's held-out rows when the run has them (one forward each, but they come from the training
+    # prompts' distribution, so acceptance looks better than on other traffic), else `prompts`. prompts: always
+    # `prompts` (their greedy text is decoded first).
+    calibrate_on: Literal["data", "prompts"] = "data"
     prompt_field: str = "prompt"
     # Held-out prompts (or data-stage eval rows) whose greedy text calibrates the acceptance tables.
     num_calibration_prompts: PositiveInt = 32

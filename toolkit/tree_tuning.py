@@ -436,17 +436,20 @@ def calibration_inputs(
 ) -> TuningInputs:
     """Calibrate, and pick the validation prompts.
 
-    Calibration: the data stage's held-out rows when `data_dir` has them (one forward each: the rows are the base's
-    own greedy text), else `tree.prompts` (greedy decoding). Validation: `tree.validation_prompts`: `eval` (default:
-    the repo's multi-domain set from sources never used for training, interleaved across chat, instructions, code and
-    math, so the choice is checked on traffic unlike the training prompts), `calibration` (further prompts from the
-    calibration source), builtin, chitchat or a file.
+    Calibration: with `tree.calibrate_on: data`, the data stage's held-out rows when `data_dir` has them (one forward
+    each: the rows are the base's own greedy text), else `tree.prompts` (greedy decoding). Validation:
+    `tree.validation_prompts`: `eval` (default: the repo's multi-domain set from sources never used for training,
+    interleaved across chat, instructions, code and math, so the choice is checked on traffic unlike the training
+    prompts), `calibration` (further prompts from the calibration source), builtin, chitchat or a file. When both
+    come from the eval set, calibration takes the prompts after the validation ones: a tree is never checked on the
+    prompts it was fitted to.
     """
     from medusa_toolkit.prompts import eval_prompts, interleave_domains, load_prompts
 
     tc, d = cfg.tree, cfg.data
     depth = resolve_depth(tc.max_depth, model.num_heads)
-    rows = load_eval_rows(data_dir, allow_train) if data_dir is not None and Path(data_dir).is_dir() else None
+    use_rows = tc.calibrate_on == "data" and data_dir is not None and Path(data_dir).is_dir()
+    rows = load_eval_rows(data_dir, allow_train) if use_rows else None
     n_cal, n_val = tc.num_calibration_prompts, tc.num_validation_prompts
 
     def render(texts: list[str]) -> list[list[int]]:
@@ -463,7 +466,9 @@ def calibration_inputs(
         same_source = [s[:st] for s, st in rest if st > 0][:n_val]
         source = f"data rows {where} ({min(n_cal, len(seqs))} rows)"
     else:
-        if tc.prompts in ("chitchat", "builtin", "eval"):
+        if tc.prompts == "eval" and tc.validation_prompts == "eval":
+            texts = load_prompts("eval")[n_val : n_val + n_cal]  # after the ones validation decodes
+        elif tc.prompts in ("chitchat", "builtin", "eval"):
             texts = load_prompts(tc.prompts, split="heldout", num=n_cal + n_val)
         else:
             texts = load_prompts("file", path=tc.prompts, field=tc.prompt_field, num=n_cal + n_val)

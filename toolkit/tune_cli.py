@@ -27,6 +27,8 @@ SHORTCUTS = [
     Shortcut("--prompts", "tree.prompts", "calibration prompts when there are no data rows: chitchat, builtin or a "
              "prompts file"),
     Shortcut("--prompt-field", "tree.prompt_field", "field holding the prompt text in jsonl/json/csv/parquet"),
+    Shortcut("--calibrate-on", "tree.calibrate_on", "data (held-out data rows when there are some) or prompts",
+             choices=("data", "prompts")),  # fmt: skip
     Shortcut("--max-nodes", "tree.max_nodes", "largest tree to consider, root included", int),
     Shortcut("--max-depth", "tree.max_depth", "deepest path (null: the number of heads)", int),
     Shortcut("--top-k", "tree.top_k", "candidates per head considered", int),
