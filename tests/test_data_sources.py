@@ -15,7 +15,7 @@ from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.prompts import EVAL_DOMAINS, eval_prompts, interleave_domains
 from medusa_toolkit.stages import run_pipeline
 from medusa_toolkit.train import data as data_mod
-from medusa_toolkit.train.magpie import MagpieError, pre_query_ids, self_prompts
+from medusa_toolkit.train.magpie import MagpieError, PromptSampling, pre_query_ids, self_prompts
 
 CHAT_WITH_EOS = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}</s>{% endif %}\n"
@@ -44,9 +44,9 @@ def test_self_prompts_are_seeded_deduplicated_and_every_drop_is_counted():
     base, tok = ascii_talker(eos_bias=-1.0)
     kw = {"system_prompt": None, "temperature": 1.0, "top_p": 1.0, "max_tokens": 48, "batch_size": 8,
           "fits": lambda text: len(text) <= 60}  # fmt: skip
-    a, counts = self_prompts(base, tok, 6, seed=1, **kw)
-    b, again = self_prompts(base, tok, 6, seed=1, **kw)
-    c, _ = self_prompts(base, tok, 6, seed=2, **kw)
+    a, counts = self_prompts(base, tok, 6, PromptSampling(seed=1, **kw))
+    b, again = self_prompts(base, tok, 6, PromptSampling(seed=1, **kw))
+    c, _ = self_prompts(base, tok, 6, PromptSampling(seed=2, **kw))
     assert a == b and counts == again and a != c  # deterministic for a seed, different for another
     assert counts["sampled"] == counts["kept"] + sum(v for k, v in counts.items() if k not in ("sampled", "kept"))
     assert len(a) == counts["kept"] <= 6 and len(set(a)) == len(a)
@@ -69,8 +69,9 @@ def test_self_prompt_filters_on_scripted_outputs(monkeypatch):
                 for t in texts]  # fmt: skip
 
     monkeypatch.setattr(magpie, "sample_turns", scripted)
-    kept, counts = self_prompts(None, tok, 10, system_prompt=None, temperature=1.0, top_p=1.0, max_tokens=40,
-                                batch_size=len(texts), seed=0, fits=lambda t: True)  # fmt: skip
+    how = PromptSampling(system_prompt=None, temperature=1.0, top_p=1.0, max_tokens=40, batch_size=len(texts), seed=0,
+                         fits=lambda t: True)  # fmt: skip
+    kept, counts = self_prompts(None, tok, 10, how)
     assert kept == ["plan a trip to the sea", "write a python function that sorts"]
     # 6 rounds of the same 7 outputs (10 prompts asked, at most 4x that sampled): after round 1 every keeper repeats.
     assert counts["sampled"] == 42 and counts["kept"] == 2

@@ -29,7 +29,7 @@ from medusa_toolkit.stages import run_pipeline
 from medusa_toolkit.train import engine as engine_mod
 from medusa_toolkit.train.data import base_model_metadata
 from medusa_toolkit.train.engine import EngineError, OpenAIEngine
-from medusa_toolkit.train.magpie import REASONS, engine_self_prompts
+from medusa_toolkit.train.magpie import REASONS, PromptSampling, engine_self_prompts
 
 pytest.importorskip("fastapi", reason="transformers serve needs the transformers[serving] extra (in the dev extras)")
 
@@ -167,9 +167,9 @@ def test_engine_prompts_repeat_for_a_seed_where_the_server_honours_it(writer_ser
     engine = OpenAIEngine(cfg, tok, [tok.convert_tokens_to_ids("<|im_end|>")])
     kw = {"system_prompt": None, "temperature": 1.0, "top_p": 1.0, "max_tokens": 40, "batch_size": 4,
           "fits": lambda text: True}  # fmt: skip
-    a = engine_self_prompts(engine, tok, 2, seed=1, **kw)
-    b = engine_self_prompts(engine, tok, 2, seed=1, **kw)
-    c = engine_self_prompts(engine, tok, 2, seed=2, **kw)
+    a = engine_self_prompts(engine, tok, 2, PromptSampling(seed=1, **kw))
+    b = engine_self_prompts(engine, tok, 2, PromptSampling(seed=1, **kw))
+    c = engine_self_prompts(engine, tok, 2, PromptSampling(seed=2, **kw))
     assert a == b and a != c
     assert engine.stats.requests == 3 * a[1]["sampled"] and not engine.refused
 
@@ -196,8 +196,9 @@ def test_engine_prompts_from_a_server_that_ignores_stop_or_seed(tmp_path):
     model, tok = base_model_metadata(str(folder))
     engine = OpenAIEngine(cfg, tok, [tok.convert_tokens_to_ids("<|im_end|>")])
     engine.client = httpx.Client(transport=httpx.MockTransport(handler))
-    kept, counts = engine_self_prompts(engine, tok, 1, system_prompt=None, temperature=1.0, top_p=1.0, max_tokens=9,
-                                       batch_size=4, seed=0, fits=lambda text: True)  # fmt: skip
+    how = PromptSampling(system_prompt=None, temperature=1.0, top_p=1.0, max_tokens=9, batch_size=4, seed=0,
+                         fits=lambda text: True)  # fmt: skip
+    kept, counts = engine_self_prompts(engine, tok, 1, how)
     assert kept == ["abc de fg"] and engine.refused == {"seed"}
     assert (counts["sampled"], counts["kept"], counts["unfinished"], counts["empty"]) == (4, 1, 2, 1)
     assert all(b["stop"] == ["<|im_end|>"] and b["prompt"] == "<|im_start|>user\n" for b in bodies)

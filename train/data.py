@@ -15,7 +15,7 @@ import json
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -94,21 +94,23 @@ def load_sources(cfg: ToolkitConfig, model, tokenizer, fits) -> tuple[list[Conve
                 bar = tqdm(total=count, unit="prompt", desc="data: self-written prompts",
                            disable=not D.is_main() or not cfg.logging.progress)  # fmt: skip
                 sampling = {"temperature": src.temperature, "top_p": src.top_p, "max_tokens": src.max_tokens}
-                kw = {"system_prompt": d.system_prompt, "batch_size": max(d.batch_size, 16), "seed": d.seed,
-                      "fits": fits, "progress": lambda kept, bar=bar: bar.update(kept - bar.n), **sampling}  # fmt: skip
+                how = magpie.PromptSampling(
+                    d.system_prompt, **sampling, batch_size=max(d.batch_size, 16), seed=d.seed, fits=fits,
+                    progress=lambda kept, bar=bar: bar.update(kept - bar.n),
+                )  # fmt: skip
                 if d.engine == "openai":  # the server holds the weights; `model` here is only the base's configs
                     from medusa_toolkit.train.engine import OpenAIEngine
 
                     writer = OpenAIEngine(cfg, tokenizer, special_tokens.eos_ids(model))
-                    texts, entry["self_prompts"] = magpie.engine_self_prompts(writer, tokenizer, count, **kw)
+                    texts, entry["self_prompts"] = magpie.engine_self_prompts(writer, tokenizer, count, how)
                     entry["written_by"] = {**writer.describe(), "requests": writer.stats.requests,
                                            "retries": writer.stats.retries, "seed_sent": "seed" not in writer.refused}  # fmt: skip
                 else:
                     # Rows leave the writer's batch as their turn ends, so it runs mostly part-empty: twice the
                     # generation batch keeps it busy (SmolLM2 on 2 CPU cores: 233 vs 308 ms per prompt at 64 vs 32).
-                    kw["batch_size"] = max(2 * d.batch_size, 16)
-                    texts, entry["self_prompts"] = magpie.self_prompts(model, tokenizer, count, **kw)
-                    entry["written_by"] = {"engine": "hf", "batch_size": kw["batch_size"]}
+                    how = replace(how, batch_size=max(2 * d.batch_size, 16))
+                    texts, entry["self_prompts"] = magpie.self_prompts(model, tokenizer, count, how)
+                    entry["written_by"] = {"engine": "hf", "batch_size": how.batch_size}
                 entry["written_by"]["sampling"] = {**sampling, "seed": d.seed}
                 bar.close()
                 turns = [[t] for t in texts]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -138,6 +139,20 @@ def _collect(
     return kept.kept, kept.counts()
 
 
+@dataclass(frozen=True)
+class PromptSampling:
+    """How both writers sample a round of prompts and which ones they keep."""
+
+    system_prompt: str | None
+    temperature: float
+    top_p: float
+    max_tokens: int  # the longest prompt the model may write; longer ones are unfinished
+    batch_size: int  # prompts per round (in-process: rows of one batch; engine: concurrent requests)
+    seed: int
+    fits: Callable[[str], bool]  # whether a prompt fits data.max_prompt_tokens once rendered
+    progress: Callable[[int], None] | None = None  # called with the number kept after each round
+
+
 NUCLEUS_CANDIDATES = 1024  # top-p is decided among this many most likely tokens, the whole vocabulary only if short
 
 
@@ -207,57 +222,33 @@ def sample_turns(
     return list(zip(tokens, finished))
 
 
-def self_prompts(
-    model,
-    tokenizer,
-    count: int,
-    *,
-    system_prompt: str | None,
-    temperature: float,
-    top_p: float,
-    max_tokens: int,
-    batch_size: int,
-    seed: int,
-    fits: Callable[[str], bool],
-    progress: Callable[[int], None] | None = None,
-) -> tuple[list[str], dict[str, int]]:
+def self_prompts(model, tokenizer, count: int, how: PromptSampling) -> tuple[list[str], dict[str, int]]:
     """`count` user prompts the in-process model writes itself, and the reasons every dropped one was dropped."""
-    prefix = pre_query_ids(tokenizer, system_prompt)
+    prefix = pre_query_ids(tokenizer, how.system_prompt)
     eos = set(special_tokens.eos_ids(model))
 
     def sample_round(r: int) -> list[tuple[str, bool]]:
-        turns = sample_turns(model, prefix, batch_size, max_tokens, temperature, top_p, eos, seed * 1_000_003 + r)
+        turns = sample_turns(
+            model, prefix, how.batch_size, how.max_tokens, how.temperature, how.top_p, eos, how.seed * 1_000_003 + r
+        )
         return [(tokenizer.decode(ids, skip_special_tokens=True), done) for ids, done in turns]
 
-    return _collect(count, batch_size, sample_round, fits, progress)
+    return _collect(count, how.batch_size, sample_round, how.fits, how.progress)
 
 
-def engine_self_prompts(
-    engine,
-    tokenizer,
-    count: int,
-    *,
-    system_prompt: str | None,
-    temperature: float,
-    top_p: float,
-    max_tokens: int,
-    batch_size: int,
-    seed: int,
-    fits: Callable[[str], bool],
-    progress: Callable[[int], None] | None = None,
-) -> tuple[list[str], dict[str, int]]:
+def engine_self_prompts(engine, tokenizer, count: int, how: PromptSampling) -> tuple[list[str], dict[str, int]]:
     """`count` user prompts the base behind `engine` (an `engine.OpenAIEngine`) writes itself, filtered and counted as
     `self_prompts` does. Request j of round r is seeded with seed * 1_000_003 + r * batch_size + j: a different seed
     for every request, the same ones on every run (whether the server honours them: see the module docstring)."""
-    prompt = pre_query_text(tokenizer, system_prompt)
+    prompt = pre_query_text(tokenizer, how.system_prompt)
     # Servers strip special tokens from the text; asking them to stop at the end-of-turn text also covers a server
     # whose generation config ends on another token than the chat template's end of turn.
     stop = [t for t in (tokenizer.decode([e]) for e in engine.eos) if t.strip()]
 
     def sample_round(r: int) -> list[tuple[str, bool]]:
-        seeds = [seed * 1_000_003 + r * batch_size + j for j in range(batch_size)]
+        seeds = [how.seed * 1_000_003 + r * how.batch_size + j for j in range(how.batch_size)]
         return engine.complete_text(
-            prompt, seeds, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop
+            prompt, seeds, temperature=how.temperature, top_p=how.top_p, max_tokens=how.max_tokens, stop=stop
         )
 
-    return _collect(count, batch_size, sample_round, fits, progress)
+    return _collect(count, how.batch_size, sample_round, how.fits, how.progress)
