@@ -542,7 +542,8 @@ def frequent_targets(ds, k: int, always: list[int] = ()) -> tuple[list[int], flo
     trained = torch.cat(trained) if trained else torch.zeros(0, dtype=torch.long)
     counts = torch.bincount(trained, minlength=max(always, default=0) + 1)
     forced = list(dict.fromkeys(always))
-    ranked = [t for t in counts.argsort(descending=True, stable=True).tolist() if t not in forced]
+    skip = set(forced)  # a set: with a whole token map forced (the coverage figure) a list made this 3.5 s on SmolLM2
+    ranked = [t for t in counts.argsort(descending=True, stable=True).tolist() if t not in skip]
     chosen = sorted(forced + ranked[: max(0, k - len(forced))])
     return chosen, int(counts[chosen].sum()) / max(len(trained), 1)
 
