@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from medusa_toolkit import special_tokens
+from medusa_toolkit.cpu_attention import CPU_SDPA_NAME, register_cpu_sdpa
 from medusa_toolkit.medusa_model import MedusaModel
 from medusa_toolkit.row_cache import RowCache
 from medusa_toolkit.tree import MedusaTree, TreeBuffers
@@ -303,14 +304,12 @@ def _registered(attn: str, device: torch.device, plain: bool = False) -> str:
 
         return register_attention()
     if attn == "sdpa" and device.type == "cpu" and not plain:
-        from medusa_toolkit.cpu_attention import register_cpu_sdpa
-
         return register_cpu_sdpa()
     return attn
 
 
 def _user_facing(registered: str | None) -> str:
-    if registered is None or registered == "medusa_cpu_sdpa":
+    if registered is None or registered == CPU_SDPA_NAME:
         return "sdpa"
     return "medusa_flash_decoding" if registered.startswith("medusa_") else registered
 
