@@ -1,12 +1,13 @@
 """Self-written prompts (data source `self`): seconds per prompt of the in-process writer, levers side by side.
 
-Same model, same sampling (temperature 1.0, top-p 0.95, `--max-tokens` per prompt), one process, three writers of
-`--prompts` prompts each:
+Same model, same sampling (temperature 1.0, top-p 0.95, `--max-tokens` per prompt), one process, the writers named by
+`--writers` (all four by default), `--prompts` prompts each:
   generate()        what the data stage did before: transformers' generate() on a batch of the shared prefix
                     (a full-vocabulary sort and multinomial per token; finished rows computed until the last ends)
   sample_turns/32   the data stage's own loop (medusa_toolkit.train.magpie.sample_turns): the prefix runs once,
                     finished rows leave the batch, top-p decided among the 1024 likeliest tokens
-  sample_turns/64   the same at twice the batch, which the data stage now uses (2 x data.batch_size)
+  sample_turns/64   the same at twice the batch (the data stage writes at 2 x data.batch_size)
+  sample_turns/128  the same at 128 rows (the demo's data.batch_size is 64)
 Prints seconds per prompt, how many ended their turn (the rest are dropped as unfinished) and their mean length, so the
 writers are seen to sample alike, and each writer's speed-up over generate().
 
@@ -43,8 +44,9 @@ def with_generate(model, prefix, rows, max_tokens, eos, pad, seed) -> list[tuple
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="smollm2-135m-instruct")
-    ap.add_argument("--prompts", type=int, default=128, help="prompts per writer (a multiple of 64)")
+    ap.add_argument("--prompts", type=int, default=128, help="prompts per writer (a multiple of 128)")
     ap.add_argument("--max-tokens", type=int, default=96, help="the demo's data.sources[self].max_tokens")
+    ap.add_argument("--writers", default="generate(),sample_turns/32,sample_turns/64,sample_turns/128")
     args = ap.parse_args()
     model, tok = load_base_model(args.base, dtype="float32")
     eos, pad = set(special_tokens.eos_ids(model)), special_tokens.pad_token_id(model, tok)
@@ -53,7 +55,12 @@ def main() -> None:
         "generate()": (32, lambda r, n: with_generate(model, prefix, n, args.max_tokens, eos, pad, r)),
         "sample_turns/32": (32, lambda r, n: magpie.sample_turns(model, prefix, n, args.max_tokens, 1.0, 0.95, eos, r)),
         "sample_turns/64": (64, lambda r, n: magpie.sample_turns(model, prefix, n, args.max_tokens, 1.0, 0.95, eos, r)),
+        "sample_turns/128": (
+            128,
+            lambda r, n: magpie.sample_turns(model, prefix, n, args.max_tokens, 1.0, 0.95, eos, r),
+        ),
     }
+    writers = {name: writers[name] for name in args.writers.split(",")}
     print(f"{device_name(model.device)}, float32, {args.prompts} prompts per writer, <= {args.max_tokens} tokens each")
     first = None
     for name, (batch, write) in writers.items():

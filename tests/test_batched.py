@@ -5,8 +5,9 @@ import torch
 from tiny import BRANCHING, fitted
 
 from medusa_toolkit import medusa_generate
-from medusa_toolkit.decoding import BatchGenerateOutput, medusa_generate_batch
+from medusa_toolkit.decoding import BatchGenerateOutput, greedy_generate_batch, medusa_generate_batch
 from medusa_toolkit.kernels.hf_attention import BACKEND_ENV
+from medusa_toolkit.medusa_model import MedusaModel
 
 NEW = 40
 
@@ -89,3 +90,14 @@ def test_batch_one_with_padding_and_bad_input(setup):
         medusa_generate_batch(model, ids, mask[:, 1:], 5)
     with pytest.raises(ValueError, match="streamer"):
         medusa_generate(model, ids, 5, attention_mask=mask, streamer=object())
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_base_greedy_without_heads(setup, side):
+    """`greedy_generate_batch`: the base alone through the same loop (1-node tree), each row its own greedy text."""
+    model, prompts, refs = setup
+    ids, mask = pad(prompts, side, pad_id=7)
+    rows = greedy_generate_batch(model.base, ids, mask, NEW, eos_token_id=[])
+    assert rows == [ref[p.numel() :].tolist() for p, ref in zip(prompts, refs)]
+    with pytest.raises(ValueError, match="no heads"):
+        MedusaModel(model.base, None).medusa_logits(torch.zeros(1, model.base.config.hidden_size), 1)

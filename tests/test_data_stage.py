@@ -56,6 +56,29 @@ def test_data_is_the_base_greedy_output_with_masks(tmp_path, model_dir):
     assert row["input_ids"][len(prompt) :] == single.tolist()[: len(row["input_ids"]) - len(prompt)]
 
 
+def test_greedy_responses_are_generates_tokens_without_calling_generate(model_dir, monkeypatch):
+    """The data stage's greedy path (the decoding loop, 1-node tree) gives generate()'s batched greedy tokens row for
+    row, in float32, including rows that end at different steps, and never runs generate() itself."""
+    model, tok = load_base_model(str(model_dir))
+    prompts = [render_prompt(tok, p) for p in BUILTIN_PROMPTS[:6]]
+    cfg = _cfg(model_dir, max_new_tokens=20)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    free = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20, pad_token_id=0, eos_token_id=[])
+    # An EOS that row 0 emits mid-way and some row never emits: rows leave the batch at different steps.
+    new = free[:, width:].tolist()
+    eos = next(t for t in new[0][3:] if any(t not in row for row in new))
+    model.generation_config.eos_token_id = eos
+    expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20, pad_token_id=0)[:, width:]
+    rows = []
+    for row in expected.tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    assert any(len(r) < 20 for r in rows) and any(len(r) == 20 for r in rows)
+    monkeypatch.setattr(model, "generate", lambda *a, **k: pytest.fail("greedy data must not go through generate()"))
+    assert data_mod.generate_batch(model, tok, prompts, cfg, 0) == rows
+
+
 def test_cached_then_resumed_after_interruption(tmp_path, model_dir, monkeypatch, capsys):
     cfg = _cfg(model_dir, train_on_prompt=True)
     reference = tmp_path / "ref"

@@ -78,17 +78,24 @@ class MedusaOutput:
 
 
 class MedusaModel(nn.Module):
-    """A frozen base model with Medusa heads on its last hidden state."""
+    """A frozen base model with Medusa heads on its last hidden state.
 
-    def __init__(self, base: nn.Module, heads: MedusaHeads, tokenizer: Any = None):
+    `heads=None` is the base alone: it decodes the 1-node tree only (`decoding.greedy_generate_batch`: plain greedy
+    decoding through the same loop, e.g. the data stage writing the heads' training text before any heads exist).
+    """
+
+    def __init__(self, base: nn.Module, heads: MedusaHeads | None, tokenizer: Any = None):
         super().__init__()
+        self.base = freeze(base)
+        self.tokenizer = tokenizer
+        self.heads, self.heads_sha256, self._heads_lm_head = None, None, None
+        if heads is None:
+            return
         heads.check_compatible(base)
         # Hashed before the cast below: a verify report names the heads as they are on disk, not in the verify dtype.
         self.heads_sha256 = heads.content_hash()
-        self.base = freeze(base)
         param = next(base.parameters())
         self.heads = heads.to(device=param.device, dtype=param.dtype).eval()
-        self.tokenizer = tokenizer
         # Truncated shared heads score the token_map's rows of the base's lm_head: sliced once, not every step.
         self._heads_lm_head = BaseHead.of(self.base).rows(heads.token_map) if heads.token_map is not None else None
 
@@ -119,7 +126,7 @@ class MedusaModel(nn.Module):
 
     @property
     def num_heads(self) -> int:
-        return self.heads.num_heads
+        return 0 if self.heads is None else self.heads.num_heads
 
     def base_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The base model's logits from its last hidden states (lm_head with bias, logit scale and final soft-cap for
@@ -158,6 +165,10 @@ class MedusaModel(nn.Module):
     def medusa_logits(self, hidden_states: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
         """The first `num_heads` heads' logits [num_heads, ..., V] (all by default) on given last hidden states; a
         truncated head's are -inf outside its token_map."""
+        if self.heads is None:
+            if num_heads:
+                raise ValueError(f"this MedusaModel has no heads, so it cannot give {num_heads} heads' logits")
+            return hidden_states.new_zeros((0, *hidden_states.shape[:-1], self.base.config.vocab_size))
         # Shared heads project through the base's whole logit map (soft-cap, scale, bias), exactly as in training.
         lm_head = self.base_logits if self._heads_lm_head is None else self._heads_lm_head
         return self.heads.full_vocab_logits(self.heads(hidden_states, lm_head, num_heads))
