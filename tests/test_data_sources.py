@@ -11,7 +11,7 @@ import torch
 from tiny import BYTE_VOCAB, EOS, byte_tokenizer, tiny_base, tiny_model_dir
 from train_helpers import base_config
 
-from medusa_toolkit.config import config_from_dict
+from medusa_toolkit.config import ConfigError, config_from_dict
 from medusa_toolkit.prompts import EVAL_DOMAINS, eval_prompts, interleave_domains
 from medusa_toolkit.stages import run_pipeline
 from medusa_toolkit.train import data as data_mod
@@ -154,6 +154,43 @@ def test_no_prompt_kept_says_why_not_to_raise_the_prompt_length(tmp_path, monkey
     ) as e:
         run_pipeline(config_from_dict(raw), tmp_path / "run", ["data"])
     assert "max_prompt_tokens" not in str(e.value)
+
+
+def test_self_sources_steered_by_their_own_system_prompt(tmp_path, monkeypatch):
+    """A self source's system_prompt is what the model sees while writing its prompts, never what the answers are
+    generated and trained with (data.system_prompt, as served); two self sources write from different seeds."""
+    from medusa_toolkit.train import magpie
+
+    base, tok = ascii_talker(eos_bias=-1.0)
+    model_dir = tmp_path / "model"
+    base.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    monkeypatch.setattr(data_mod, "load_base_model", lambda *a, **k: (base, tok))
+    seen = []
+    real = magpie.self_prompts
+
+    def spy(model, tokenizer, count, how):
+        seen.append((how.system_prompt, how.seed))
+        return real(model, tokenizer, count, how)
+
+    monkeypatch.setattr(magpie, "self_prompts", spy)
+    raw = base_config(model_dir)
+    raw["data"].update(sources=[{"source": "self", "max_tokens": 48}, {"source": "self", "max_tokens": 48,
+                       "system_prompt": "you write about bees"}], num_prompts=6, max_new_tokens=4, eval_fraction=0.0,
+                       max_prompt_tokens=128, system_prompt="served")  # fmt: skip
+    run_pipeline(config_from_dict(raw), tmp_path / "run", ["data"])
+    assert seen == [("served", 0), ("you write about bees", 1000)]
+    summary = json.loads((tmp_path / "run" / "data" / "data_summary.json").read_text())
+    steering = [s["written_by"]["sampling"]["system_prompt"] for s in summary["sources"]]
+    assert steering == ["served", "you write about bees"]
+    rows = list(datasets.load_from_disk(str(tmp_path / "run" / "data")))
+    assert len(rows) >= 4
+    for row in rows:
+        prompt = tok.decode(row["input_ids"][: row["prompt_length"]])
+        assert prompt.startswith("<|system|>served<|user|>") and "bees" not in prompt
+    with pytest.raises(ConfigError, match="system_prompt steers the prompts the model writes itself"):
+        raw["data"]["sources"] = [{"source": "builtin", "system_prompt": "x"}]
+        run_pipeline(config_from_dict(raw), tmp_path / "run2", ["data"])
 
 
 def test_mixed_sources_honour_their_weights(tmp_path):

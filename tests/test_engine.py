@@ -149,7 +149,7 @@ def test_the_served_base_writes_its_own_prompts(writer_served, tmp_path, monkeyp
     assert counts["sampled"] - counts["kept"] - counts["surplus"] > 0  # the tiny model's text: filters really ran
     assert written["engine"] == "openai" and written["endpoint_host"] == endpoint.split("/")[2]
     assert written["requests"] == counts["sampled"] and written["seed_sent"]
-    assert written["sampling"] == {"temperature": 1.0, "top_p": 1.0, "max_tokens": 40, "seed": 0}
+    assert written["sampling"] == {"temperature": 1.0, "top_p": 1.0, "max_tokens": 40, "seed": 0, "system_prompt": None}
     assert "sk-never-written-anywhere" not in json.dumps(summary)
     rows = datasets.load_from_disk(str(tmp_path / "run" / "data"))
     _, tok = base_model_metadata(str(folder))

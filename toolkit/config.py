@@ -91,6 +91,10 @@ class PromptSource(Section):
     temperature: Annotated[Float, Field(gt=0.0)] = 1.0
     top_p: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.95
     max_tokens: PositiveInt = 96
+    # source: self only -- the system prompt the model sees while it WRITES its user messages, which steers what it
+    # asks for (e.g. "You are a Python tutor."); null: data.system_prompt. The answers are always generated and
+    # trained with data.system_prompt, exactly as they are served. Several self sources with different ones mix topics.
+    system_prompt: str | None = None
     # chitchat and conversations only. true: the base writes every assistant turn itself (generation). false: keep the
     # recorded conversation (chitchat: both speakers' turns) and train on the base's greedy next token at every
     # assistant position, from ONE forward over the text: no generation, several times more targets per CPU-minute,
@@ -104,7 +108,8 @@ class DataConfig(Section):
     # dtype the base generates the responses in; auto: bfloat16 where the CPU has AMX bf16 tiles (amx_bf16) or the GPU
     # supports it, else model.dtype; null: model.dtype. Verification always runs in verify.dtype.
     generation_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
-    # Who writes the responses: hf (the base in-process, generate()) or openai (any OpenAI-compatible server: vLLM,
+    # Who writes the responses: hf (the base in-process: greedy through Medusa's decoding loop with the 1-node tree,
+    # sampling through generate()) or openai (any OpenAI-compatible server: vLLM,
     # SGLang, TGI, `transformers serve`, at `endpoint`, serving `engine_model`; API key from the environment variable
     # `api_key_env`; `concurrency` requests in flight, each with `request_timeout` seconds and retries with backoff).
     engine: Literal["hf", "openai"] = "hf"
@@ -125,6 +130,7 @@ class DataConfig(Section):
     train_on_prompt: StrictBool = False
     # Fraction of sequences held out for evaluation.
     eval_fraction: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.05
+    # Prompts per resumable shard; a generation batch never spans two shards, so batches hold min(batch_size, this).
     shard_size: PositiveInt = 64
     seed: StrictInt = 0
 

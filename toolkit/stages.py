@@ -267,6 +267,12 @@ def check_inputs(cfg: ToolkitConfig, stages: list[str]) -> None:
     if "data" in stages:
         for src in d.sources:
             check_prompt_source(src.source, src.path, "data")
+            if src.system_prompt is not None and src.source != "self":
+                raise ConfigError(
+                    f"data.sources: system_prompt steers the prompts the model writes itself (source: self), and "
+                    f"source {src.source!r} brings its own prompts; drop it there (data.system_prompt sets the one "
+                    "every answer is generated with)"
+                )
             if not src.regenerate and src.source not in ("chitchat", "conversations"):
                 raise ConfigError(
                     f"data.sources: regenerate: false keeps recorded assistant turns, and source {src.source!r} has "

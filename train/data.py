@@ -86,6 +86,7 @@ def load_sources(cfg: ToolkitConfig, model, tokenizer, fits) -> tuple[list[Conve
     d = cfg.data
     counts = source_counts([src.weight for src in d.sources], d.num_prompts)
     conversations, report = [], []
+    writers = 0  # self sources so far: each writes from its own seed, so two alike still write different prompts
     for src, count in zip(d.sources, counts):
         entry = {"source": src.source, "path": src.path, "weight": src.weight, "requested": count}
         replies: list = [None] * count
@@ -96,8 +97,10 @@ def load_sources(cfg: ToolkitConfig, model, tokenizer, fits) -> tuple[list[Conve
                 bar = tqdm(total=count, unit="prompt", desc="data: self-written prompts",
                            disable=not D.is_main() or not cfg.logging.progress)  # fmt: skip
                 sampling = {"temperature": src.temperature, "top_p": src.top_p, "max_tokens": src.max_tokens}
+                writer_system = d.system_prompt if src.system_prompt is None else src.system_prompt
+                seed, writers = d.seed + 1_000 * writers, writers + 1
                 how = magpie.PromptSampling(
-                    d.system_prompt, **sampling, batch_size=max(d.batch_size, 16), seed=d.seed, fits=fits,
+                    writer_system, **sampling, batch_size=max(d.batch_size, 16), seed=seed, fits=fits,
                     progress=lambda kept, bar=bar: bar.update(kept - bar.n),
                 )  # fmt: skip
                 if d.engine == "openai":  # the server holds the weights; `model` here is only the base's configs
@@ -113,7 +116,7 @@ def load_sources(cfg: ToolkitConfig, model, tokenizer, fits) -> tuple[list[Conve
                     how = replace(how, batch_size=max(2 * d.batch_size, 16))
                     texts, entry["self_prompts"] = magpie.self_prompts(model, tokenizer, count, how)
                     entry["written_by"] = {"engine": "hf", "batch_size": how.batch_size}
-                entry["written_by"]["sampling"] = {**sampling, "seed": d.seed}
+                entry["written_by"]["sampling"] = {**sampling, "seed": seed, "system_prompt": writer_system}
                 bar.close()
                 turns = [[t] for t in texts]
             elif not src.regenerate:  # recorded conversations kept as they are (config checks: chitchat or file)
