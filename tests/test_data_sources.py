@@ -79,6 +79,31 @@ def test_self_prompt_filters_on_scripted_outputs(monkeypatch):
         == (1 + 5 * 3, 6, 6, 6, 6)  # fmt: skip
 
 
+def test_the_last_round_samples_what_the_keep_rate_says_is_needed(monkeypatch):
+    """Once a round has kept most of its rows, the next one is sized to the prompts still missing (plus a margin), not
+    a whole batch of which most would be counted as surplus."""
+    from medusa_toolkit.train import magpie
+
+    tok = byte_tokenizer()
+    rows_asked = []
+
+    def scripted(model, prefix, rows, max_tokens, temperature, top_p, eos, seed):
+        rows_asked.append(rows)
+        words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo"]
+        # Row i of round r: three distinct words, so every prompt is kept (no duplicates), except row 0 is unfinished.
+        texts = [f"{words[(seed + i) % 11]} {words[(3 * seed + i) % 11]} {seed} {i}" for i in range(rows)]
+        return [(tok(t, add_special_tokens=False)["input_ids"], i > 0) for i, t in enumerate(texts)]
+
+    monkeypatch.setattr(magpie, "sample_turns", scripted)
+    how = PromptSampling(system_prompt=None, temperature=1.0, top_p=1.0, max_tokens=40, batch_size=8, seed=0,
+                         fits=lambda t: True)  # fmt: skip
+    kept, counts = self_prompts(None, tok, 10, how)
+    # Round 1 keeps 7 of 8; 3 missing at that rate -> ceil(3 * 8 / 7 * 1.2) = 5 rows, not 8.
+    assert rows_asked == [8, 5] and len(kept) == 10
+    assert counts == {**counts, "sampled": 13, "kept": 10, "unfinished": 2, "surplus": 1}
+    assert magpie.round_size(8, 10, 0, 0) == 8 and magpie.round_size(8, 100, 7, 8) == 8  # nothing kept / far to go
+
+
 def test_nucleus_is_generates_top_p_even_when_it_outgrows_the_candidates(monkeypatch):
     """The tokens the sampler can return are exactly those TopPLogitsWarper keeps, for rows whose nucleus fits in
     the candidates and for rows (flat distributions) that need the whole vocabulary; and it returns nothing else."""

@@ -10,7 +10,8 @@ most likely tokens only). Through a serving engine
 token's text. Either way every sampled prompt then passes `PromptFilter`, every drop counted by reason: unfinished (no
 end of turn within max_tokens), empty, too short (< MIN_WORDS words), too long (> max_prompt_tokens once rendered),
 duplicate (same text after normalising case and spaces) and near duplicate (Jaccard similarity of word bigrams >=
-NEAR_DUPLICATE with a prompt already kept); the last round's extra prompts are counted as surplus. sampled = kept +
+NEAR_DUPLICATE with a prompt already kept); the last round's extra prompts are counted as surplus (a round is sized
+from the keep rate so far, so there are few). sampled = kept +
 every drop.
 
 Reproducibility through an engine is the server's: vLLM seeds each request on its own, so the same data.seed gives
@@ -22,6 +23,7 @@ sampling on), else every request gives the same greedy prompt and all but one ar
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -37,6 +39,7 @@ MARKER = "<<MEDUSA-TOOLKIT-USER-TURN>>"
 MIN_WORDS = 3
 NEAR_DUPLICATE = 0.7
 MAX_ROUNDS_FACTOR = 4  # give up after sampling this many times the prompts asked for
+ROUND_MARGIN = 1.2  # a round sized from the keep rate samples this much more than it expects to need
 REASONS = ("unfinished", "empty", "too_short", "too_long", "duplicate", "near_duplicate", "surplus")
 
 
@@ -119,19 +122,27 @@ class PromptFilter:
         return {"sampled": self.sampled, "kept": len(self.kept), **{r: self.dropped.get(r, 0) for r in REASONS}}
 
 
+def round_size(batch_size: int, count: int, kept: int, sampled: int) -> int:
+    """Rows for the next round: a full batch, or fewer once the keep rate so far says fewer will do (with a margin
+    of ROUND_MARGIN), so the last round does not sample a whole batch to keep a handful (its extras are surplus)."""
+    if kept == 0:
+        return batch_size
+    return max(1, min(batch_size, math.ceil((count - kept) * sampled / kept * ROUND_MARGIN)))
+
+
 def _collect(
     count: int,
     batch_size: int,
-    sample_round: Callable[[int], list[tuple[str, bool]]],
+    sample_round: Callable[[int, int], list[tuple[str, bool]]],
     fits: Callable[[str], bool],
     progress: Callable[[int], None] | None,
 ) -> tuple[list[str], dict[str, int]]:
-    """Rounds of `sample_round(round)` ((text, finished) pairs) through one `PromptFilter` until `count` are kept or
-    MAX_ROUNDS_FACTOR x `count` were sampled."""
+    """Rounds of `sample_round(round, rows)` ((text, finished) pairs) through one `PromptFilter` until `count` are
+    kept or MAX_ROUNDS_FACTOR x `count` were sampled."""
     kept = PromptFilter(count, fits)
     rounds = 0
-    while len(kept.kept) < count and rounds * batch_size < MAX_ROUNDS_FACTOR * count:
-        for text, finished in sample_round(rounds):
+    while len(kept.kept) < count and kept.sampled < MAX_ROUNDS_FACTOR * count:
+        for text, finished in sample_round(rounds, round_size(batch_size, count, len(kept.kept), kept.sampled)):
             kept.offer(text, finished)
         rounds += 1
         if progress is not None:
@@ -227,9 +238,9 @@ def self_prompts(model, tokenizer, count: int, how: PromptSampling) -> tuple[lis
     prefix = pre_query_ids(tokenizer, how.system_prompt)
     eos = set(special_tokens.eos_ids(model))
 
-    def sample_round(r: int) -> list[tuple[str, bool]]:
+    def sample_round(r: int, rows: int) -> list[tuple[str, bool]]:
         turns = sample_turns(
-            model, prefix, how.batch_size, how.max_tokens, how.temperature, how.top_p, eos, how.seed * 1_000_003 + r
+            model, prefix, rows, how.max_tokens, how.temperature, how.top_p, eos, how.seed * 1_000_003 + r
         )
         return [(tokenizer.decode(ids, skip_special_tokens=True), done) for ids, done in turns]
 
@@ -245,8 +256,8 @@ def engine_self_prompts(engine, tokenizer, count: int, how: PromptSampling) -> t
     # whose generation config ends on another token than the chat template's end of turn.
     stop = [t for t in (tokenizer.decode([e]) for e in engine.eos) if t.strip()]
 
-    def sample_round(r: int) -> list[tuple[str, bool]]:
-        seeds = [how.seed * 1_000_003 + r * how.batch_size + j for j in range(how.batch_size)]
+    def sample_round(r: int, rows: int) -> list[tuple[str, bool]]:
+        seeds = [how.seed * 1_000_003 + r * how.batch_size + j for j in range(rows)]
         return engine.complete_text(
             prompt, seeds, temperature=how.temperature, top_p=how.top_p, max_tokens=how.max_tokens, stop=stop
         )
