@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--trees", default="[[0]];[[0],[1]];[[0],[0,0]]", help="trees decoded per variant, ;-separated")
     p.add_argument(
-        "--s-per-self-prompt", type=float, default=0.94,
-        help="data-stage seconds per kept self-written prompt (default: the idle demo run in RESULTS.md, 135 s for 144)",
+        "--s-per-self-prompt", type=float, default=0.29,
+        help="data-stage seconds per kept self-written prompt (default: the idle 512-prompt demo run at batch 64 in "
+        "RESULTS.md, 112 s for 384; it was 0.94 s before the data stage sampled prompts itself)",
     )  # fmt: skip
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
