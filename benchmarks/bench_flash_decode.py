@@ -50,7 +50,7 @@ def random_tree_mask(T: int, batch: int, device: torch.device) -> torch.Tensor:
 
 def make_methods(names: list[str], q, k, v, tree_mask, num_splits):
     """name -> zero-argument callable returning [B, Hq, T, D]; setup (masks, compilation) happens here, untimed."""
-    from medusa_toolkit.kernels import dense_attention_mask, flash_decode
+    from medusa_toolkit.kernels.flash_decode import dense_attention_mask, flash_decode
 
     B, Hq, T, D = q.shape
     S = k.shape[2]

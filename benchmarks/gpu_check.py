@@ -332,7 +332,7 @@ def compile_variants(configs, device_name: str) -> list[str]:
     dim compiles too). Triton's file cache keeps the binaries for the main process. Returns problems found."""
     import torch
 
-    from medusa_toolkit.kernels import flash_decode
+    from medusa_toolkit.kernels.flash_decode import flash_decode
 
     device = torch.device(device_name)
     problems = []
@@ -351,7 +351,7 @@ def compile_variants(configs, device_name: str) -> list[str]:
 
 def _compile_worker(args):
     configs, device_name = args
-    from medusa_toolkit.kernels import flash_decode as fd_mod  # noqa: F401  (imports and registers in the worker)
+    from medusa_toolkit.kernels import flash_decode as fd_mod  # noqa: F401  (imports the kernels in the worker)
 
     return compile_variants(configs, device_name)
 
@@ -500,7 +500,7 @@ def reference_f64(q, k, v, tree, lens):
     """Float64 attention with the dense mask, one (batch, kv head) at a time (bounded memory at 128k keys)."""
     import torch
 
-    from medusa_toolkit.kernels import dense_attention_mask
+    from medusa_toolkit.kernels.flash_decode import dense_attention_mask
 
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -520,7 +520,7 @@ def reference_f64(q, k, v, tree, lens):
 def sdpa_dense(q, k, v, tree, lens):
     import torch
 
-    from medusa_toolkit.kernels import dense_attention_mask
+    from medusa_toolkit.kernels.flash_decode import dense_attention_mask
 
     B, Hq, T, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -532,7 +532,7 @@ def sdpa_dense(q, k, v, tree, lens):
 def section_kernel(run: Run, deadline: float, device, sizes: Sizes) -> dict:
     import torch
 
-    from medusa_toolkit.kernels import flash_decode, flash_decode_reference
+    from medusa_toolkit.kernels.flash_decode import flash_decode, flash_decode_reference
 
     rows, worst = [], {}
     cases = correctness_cases(sizes)
@@ -696,8 +696,7 @@ def speed_case(B: int, T: int, S: int, heads: tuple, device, copy_bw: float, fla
     """One shape: us per call of each method on bf16 inputs, rotating input sets larger than L2 together."""
     import torch
 
-    from medusa_toolkit.kernels import dense_attention_mask, flash_decode
-    from medusa_toolkit.kernels.flash_decode import pack_tree_mask
+    from medusa_toolkit.kernels.flash_decode import dense_attention_mask, flash_decode, pack_tree_mask
 
     Hq, Hkv, D = heads
     dt = torch.bfloat16
@@ -771,10 +770,10 @@ def section_splits(run: Run, deadline: float, device, sizes: Sizes) -> dict:
 def splits_case(B: int, T: int, S: int, heads: tuple, device, deadline: float) -> dict:
     import torch
 
-    from medusa_toolkit.kernels import flash_decode
     from medusa_toolkit.kernels.flash_decode import (
         PROGRAMS_PER_SM,
         default_num_splits,
+        flash_decode,
         pack_tree_mask,
         split_kernel_config,
     )

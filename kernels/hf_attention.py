@@ -4,7 +4,7 @@ The name must not contain "flash": transformers treats any such name as a FlashA
 flash-attn kernels in `set_attn_implementation`/`from_pretrained`, and takes FA-only branches in generation/models).
 
 Usage: `AutoModelForCausalLM.from_pretrained(..., attn_implementation=ATTN_NAME)` (or
-`model.set_attn_implementation(ATTN_NAME)`) after `import medusa_toolkit.kernels`, which registers it.
+`model.set_attn_implementation(ATTN_NAME)`) after `register_attention()`.
 
 Contract with the decoding code: extra keyword arguments given to `model(...)` flow through the decoder layers into
 the attention function (transformers passes **kwargs down), so the tree reaches the kernel in compact form:

@@ -153,7 +153,7 @@ def test_bad_arguments():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_flash_decoding_attention_is_exact(backend):
     """Medusa verification through the Flash-Decoding kernel (compact tree mask) gives the greedy tokens."""
-    from medusa_toolkit.kernels import get_backend, set_backend
+    from medusa_toolkit.kernels.hf_attention import get_backend, set_backend
 
     # On a CUDA machine the model runs there: the triton backend compiled (there is no interpreter for CPU tensors).
     device = "cuda" if torch.cuda.is_available() else "cpu"

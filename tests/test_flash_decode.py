@@ -10,13 +10,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated (tests/conftest.py does it too)
 
-from medusa_toolkit.kernels import flash_decode, flash_decode_reference  # noqa: E402
 from medusa_toolkit.kernels.flash_decode import (  # noqa: E402
     HAS_TRITON,
     INTERPRET,
     MAX_TREE_NODES,
     default_num_splits,
     dense_attention_mask,
+    flash_decode,
+    flash_decode_reference,
     pack_tree_mask,
     resolve_backend,
     split_kernel_config,

@@ -88,7 +88,7 @@ def test_checkout_imports_without_installing(tmp_path):
     site = next(p for p in sys.path if p.endswith("site-packages"))
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import gpu_check; how = gpu_check.ensure_importable(); "
-        "import medusa_toolkit.kernels as k, medusa_toolkit.train.losses as l; "
+        "import medusa_toolkit.kernels.flash_decode as k, medusa_toolkit.train.losses as l; "
         "print(how); print(k.__file__); print(l.MedusaObjective.__name__)"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": site}
@@ -98,4 +98,4 @@ def test_checkout_imports_without_installing(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     how, kernels_file, objective = run.stdout.strip().splitlines()[-3:]
     assert how.startswith("from the checkout via") and objective == "MedusaObjective"
-    assert Path(kernels_file).resolve() == (REPO / "kernels" / "__init__.py").resolve()
+    assert Path(kernels_file).resolve() == (REPO / "kernels" / "flash_decode.py").resolve()

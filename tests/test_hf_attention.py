@@ -21,8 +21,11 @@ from transformers.masking_utils import AttentionMaskInterface
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated (tests/conftest.py does it too)
 
-from medusa_toolkit.kernels import ATTN_NAME, get_backend, hf_attention, register_attention, set_backend  # noqa: E402
+from medusa_toolkit.kernels import hf_attention  # noqa: E402
 from medusa_toolkit.kernels.flash_decode import HAS_TRITON, INTERPRET  # noqa: E402
+from medusa_toolkit.kernels.hf_attention import ATTN_NAME, get_backend, register_attention, set_backend  # noqa: E402
+
+register_attention()  # the tests below select ATTN_NAME by name
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK = HAS_TRITON and (DEVICE == "cuda" or INTERPRET)

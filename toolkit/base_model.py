@@ -255,7 +255,7 @@ def load_base_model(
             ) from None
         raise
     if attn_implementation == "medusa_flash_decoding":
-        from medusa_toolkit.kernels import register_attention
+        from medusa_toolkit.kernels.hf_attention import register_attention
 
         model.set_attn_implementation(register_attention())
     model.to(device if device is not None else default_device())

@@ -300,7 +300,7 @@ def _registered(attn: str, device: torch.device, plain: bool = False) -> str:
     """The name transformers knows an implementation by (registering ours on first use). On CPU `sdpa` becomes the
     same SDPA with grouped-query heads kept inside it under tree masks (medusa_toolkit.cpu_attention), unless `plain`."""
     if attn == "medusa_flash_decoding":
-        from medusa_toolkit.kernels import register_attention
+        from medusa_toolkit.kernels.hf_attention import register_attention
 
         return register_attention()
     if attn == "sdpa" and device.type == "cpu" and not plain:

@@ -1,1 +1,0 @@
-"""medusa_toolkit.export"""
