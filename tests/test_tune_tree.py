@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import shutil
 
 import pytest
 import torch
 from tiny import fitted, save_model_dir
 
-from medusa_toolkit import MedusaHeads, MedusaTree
+from medusa_toolkit import MedusaHeads, MedusaTree, data_artefact
 from medusa_toolkit.calibration import Calibration, CalibrationError, calibrate_sequences, count_paths
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.heads import HeadsLoadError
@@ -160,10 +161,9 @@ def _fake_run(tmp_path, model, corpus, heads=None):
     (heads or model.heads).save_pretrained(run_dir / "heads")
     rows = [row.tolist() for row in corpus]
     masks = [[0] * 4 + [1] * (len(r) - 4) for r in rows]
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"input_ids": rows[:8], "loss_mask": masks[:8]}),
-        "eval": datasets.Dataset.from_dict({"input_ids": rows[8:], "loss_mask": masks[8:]}),
-    }).save_to_disk(str(run_dir / "data"))  # fmt: skip
+    # The data stage's format (the fitted base's vocabulary has no byte tokenizer, so its text is the greedy corpus).
+    data = datasets.Dataset.from_dict({"input_ids": rows, "loss_mask": masks})
+    data_artefact.save(data, [i >= 8 for i in range(len(rows))], run_dir / "data")
     cfg = config_from_dict({
         "model": {"name_or_path": str(base_dir), "device": "cpu"},
         "tree": {"max_nodes": 16, "num_calibration_prompts": 5, "num_validation_prompts": 2, "prefix_length": 16,
@@ -184,7 +184,7 @@ def test_stage_writes_tree_and_plots(tiny, tmp_path):
     tree = MedusaTree.from_file(out / "tree.json")
     record = json.loads((out / "tree.json").read_text())
     assert 1 <= tree.num_nodes <= 16 and tree.depth <= 4
-    assert record["calibration"]["num_sequences"] == 5 and "data/eval" in record["calibration"]["source"]
+    assert record["calibration"]["num_sequences"] == 5 and "data (held-out rows)" in record["calibration"]["source"]
     assert tree.metadata["device"]["name"] and len(record["latency"]["step_time_s"]) == len(record["curve"]["nodes"])
     assert len(record["acceptance"]["head_rank_accuracy"]) == 4
     results = record["validation"]["results"]
@@ -223,17 +223,78 @@ def test_stage_rejects_heads_for_another_base(tiny, tmp_path):
         run_tree(cfg, run_dir, out)
 
 
-def test_stage_rejects_empty_eval_split(tiny, tmp_path):
+def test_tune_tree_data_flag_reads_data_made_elsewhere(tiny, tmp_path):
+    """`medusa-tune-tree --data DIR` takes a DatasetDict with an eval split (data made outside the toolkit); an empty
+    one is an error that says so, not a silent switch to prompts."""
     import datasets
 
+    from medusa_toolkit.tree_tuning import calibration_rows
+
     model, corpus = tiny
-    cfg, run_dir, out = _fake_run(tmp_path, model, corpus)
+    rows = [row.tolist() for row in corpus]
+    masks = [[0] * 4 + [1] * (len(r) - 4) for r in rows]
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"input_ids": rows[:8], "loss_mask": masks[:8]}),
+        "eval": datasets.Dataset.from_dict({"input_ids": rows[8:], "loss_mask": masks[8:]}),
+    }).save_to_disk(str(tmp_path / "theirs"))  # fmt: skip
+    (seqs, _, where), why_not = calibration_rows(tmp_path / "theirs", allow_train=True)
+    assert seqs == rows[8:] and where.endswith("/eval") and why_not == ""
     empty = datasets.Dataset.from_dict({"input_ids": [[1]], "loss_mask": [[1]]}).select([])
-    datasets.DatasetDict({"eval": empty}).save_to_disk(str(run_dir / "data2"))
-    (run_dir / "data").rename(run_dir / "data_old")
-    (run_dir / "data2").rename(run_dir / "data")
-    with pytest.raises(CalibrationError, match="is empty"):
-        run_tree(cfg, run_dir, out)
+    datasets.DatasetDict({"eval": empty}).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(data_artefact.DataArtefactError, match="no rows"):
+        calibration_rows(tmp_path / "empty", allow_train=True)
+
+
+@pytest.fixture(scope="module")
+def staged_run(tmp_path_factory):
+    """A run whose data artefact the data stage itself wrote (tiny byte-level model, builtin prompts), plus heads."""
+    from tiny import tiny_model_dir
+    from train_helpers import base_config
+
+    from medusa_toolkit.stages import run_pipeline
+
+    root = tmp_path_factory.mktemp("staged")
+    model_dir = tiny_model_dir(root / "model")
+    raw = base_config(model_dir)
+    raw["tree"] = {"max_nodes": 4, "num_calibration_prompts": 4, "num_validation_prompts": 0, "prefix_length": 16,
+                   "calibration_max_new_tokens": 8, "latency_repeats": 1}  # fmt: skip
+    raw["data"]["eval_fraction"] = 0.5
+    cfg = config_from_dict(raw)
+    run_pipeline(cfg, root / "run", ["data"])
+    MedusaHeads(64, 258, num_heads=2).save_pretrained(root / "run" / "heads")
+    return cfg, root / "run"
+
+
+def test_tree_stage_calibrates_on_the_data_stages_heldout_rows(staged_run, tmp_path, capsys):
+    """Under the default tree.calibrate_on: data, the tree stage calibrates on the held-out rows of the artefact the
+    data stage wrote (one Dataset with a heldout column), and says so in its log and in tree.json."""
+    cfg, run_dir = staged_run
+    heldout = data_artefact.load(run_dir / "data").heldout
+    assert len(heldout) >= 2
+    run_tree(cfg, run_dir, tmp_path)
+    record = json.loads((tmp_path / "tree.json").read_text())
+    assert "held-out rows" in record["calibration"]["source"]
+    assert record["calibration"]["num_sequences"] == min(4, len(heldout))
+    assert "tree: calibrating on data rows" in capsys.readouterr().out
+
+
+def test_tree_stage_without_heldout_rows_falls_back_to_prompts_and_says_so(staged_run, tmp_path, capsys):
+    """A data artefact with no held-out rows (data.eval_fraction: 0) calibrates on tree.prompts: logged, recorded."""
+    import datasets
+
+    cfg, run_dir = staged_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "heads", run / "heads")
+    ds = datasets.load_from_disk(str(run_dir / "data")).remove_columns("heldout")
+    data_artefact.save(ds, [False] * len(ds), run / "data")
+    cfg = config_from_dict({**cfg.to_dict(), "tree": {**cfg.to_dict()["tree"], "prompts": "eval"}})
+    out = tmp_path / "out"
+    out.mkdir()
+    run_tree(cfg, run, out)
+    record = json.loads((out / "tree.json").read_text())
+    assert record["calibration"]["source"].startswith("eval prompts")
+    assert "no held-out rows" in record["calibration"]["source"]
+    assert "calibrating on tree.prompts (eval) instead" in capsys.readouterr().out
 
 
 def test_calibration_on_eval_prompts_never_overlaps_the_validation_prompts(tiny, tmp_path, monkeypatch):

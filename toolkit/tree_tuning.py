@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from medusa_toolkit import special_tokens
+from medusa_toolkit import data_artefact, special_tokens
 from medusa_toolkit.calibration import Calibration, CalibrationError, calibrate_prompts, calibrate_sequences
 from medusa_toolkit.config import ToolkitConfig, TreeConfig
 from medusa_toolkit.decoding import medusa_generate
@@ -348,63 +348,6 @@ def format_results(results: dict[str, dict[str, Any]], notes: list[str] = ()) ->
 # Calibration inputs and the pipeline stage
 
 
-EVAL_SPLITS = ("eval", "validation", "test", "heldout")
-
-
-def load_eval_rows(
-    data_dir: str | Path, allow_train: bool = False
-) -> tuple[list[list[int]], list[list[int]], str] | None:
-    """(sequences, loss masks, description) from the data stage's held-out split, or None when there is none.
-
-    Accepts a DatasetDict saved with save_to_disk (split eval/validation/test/heldout) or a sub-folder of that name;
-    with `allow_train` a plain Dataset is used whole (optimistic: the heads may have trained on it).
-    """
-    import datasets
-
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise TuneError(f"data dir not found: {data_dir}")
-    ds, where = None, ""
-    for split in EVAL_SPLITS:
-        if (data_dir / split / "state.json").is_file():  # a Dataset saved with save_to_disk
-            ds, where = _load_from_disk(data_dir / split), f"{data_dir}/{split}"
-            break
-    if ds is None:
-        loaded = _load_from_disk(data_dir)
-        if isinstance(loaded, datasets.DatasetDict):
-            split = next((s for s in EVAL_SPLITS if s in loaded), None)
-            if split is not None:
-                ds, where = loaded[split], f"{data_dir}[{split}]"
-            elif allow_train and "train" in loaded:
-                ds, where = loaded["train"], f"{data_dir}[train] (no held-out split)"
-        elif allow_train:
-            ds, where = loaded, f"{data_dir} (no held-out split)"
-    if ds is None:
-        return None
-    if len(ds) == 0:
-        raise CalibrationError(
-            f"{where} is empty: no calibration rows; re-run the data stage with data.eval_fraction > 0"
-        )
-    if "input_ids" not in ds.column_names:
-        raise TuneError(f"{where} has no input_ids column (columns: {', '.join(ds.column_names)})")
-    ids = ds["input_ids"]
-    masks = ds["loss_mask"] if "loss_mask" in ds.column_names else [[1] * len(x) for x in ids]
-    return [list(x) for x in ids], [list(m) for m in masks], where
-
-
-def _load_from_disk(path: Path):
-    import datasets
-
-    try:
-        return datasets.load_from_disk(str(path))
-    except FileNotFoundError:
-        raise TuneError(f"{path} holds no dataset saved with save_to_disk (expected input_ids, loss_mask)") from None
-    except IndexError:  # datasets cannot reload a saved dataset with zero rows (no shards)
-        raise CalibrationError(
-            f"{path} is empty: no calibration rows; re-run the data stage with data.eval_fraction > 0"
-        ) from None
-
-
 def response_start(mask: list[int]) -> int:
     """Index of the first trained (response) token; 1 when the whole row is trained."""
     return next((i for i, m in enumerate(mask) if m), len(mask))
@@ -431,8 +374,28 @@ class TuningInputs:
     source: str
 
 
+def calibration_rows(
+    data_dir: str | Path, allow_train: bool = False
+) -> tuple[tuple[list[list[int]], list[list[int]], str] | None, str]:
+    """((sequences, loss masks, where), "") from a data folder's held-out rows, or (None, why not).
+
+    `allow_train` (a folder the user named with `medusa-tune-tree --data`): without held-out rows its training rows
+    are used, with a warning (the heads may have trained on them, so acceptance looks optimistic).
+    """
+    art = data_artefact.load(data_dir)
+    if len(art.heldout):
+        return (*data_artefact.token_rows(art.heldout), art.heldout_where), ""
+    if allow_train and len(art.train):
+        warnings.warn(f"{art.where}: no held-out rows, so calibrating on rows the heads may have trained on; "
+                      "acceptance will look optimistic", stacklevel=2)  # fmt: skip
+        return (*data_artefact.token_rows(art.train), f"{art.where} (no held-out rows)"), ""
+    if allow_train:
+        raise CalibrationError(f"{data_dir} is empty: no calibration rows; regenerate it with rows in it")
+    return None, f"the data artefact {data_dir} has no held-out rows (data.eval_fraction: 0)"
+
+
 def calibration_inputs(
-    cfg: ToolkitConfig, model: MedusaModel, data_dir: Path | None = None, allow_train: bool = False
+    cfg: ToolkitConfig, model: MedusaModel, data_dir: Path | None = None, allow_train: bool = False, log=print
 ) -> TuningInputs:
     """Calibrate, and pick the validation prompts.
 
@@ -449,7 +412,9 @@ def calibration_inputs(
     tc, d = cfg.tree, cfg.data
     depth = resolve_depth(tc.max_depth, model.num_heads)
     use_rows = tc.calibrate_on == "data" and data_dir is not None and Path(data_dir).is_dir()
-    rows = load_eval_rows(data_dir, allow_train) if use_rows else None
+    rows, why_not = calibration_rows(data_dir, allow_train) if use_rows else (None, "")
+    if why_not:
+        log(f"tree: {why_not}; calibrating on tree.prompts ({tc.prompts}) instead")
     n_cal, n_val = tc.num_calibration_prompts, tc.num_validation_prompts
 
     def render(texts: list[str]) -> list[list[int]]:
@@ -457,14 +422,12 @@ def calibration_inputs(
 
     if rows is not None:
         seqs, masks, where = rows
-        if "no held-out split" in where:
-            warnings.warn(f"{where}: the heads may have trained on these rows; acceptance will look optimistic",
-                          stacklevel=2)  # fmt: skip
         starts = [min(response_start(m), len(s)) for s, m in zip(seqs, masks)]
         calib = calibrate_sequences(model, seqs[:n_cal], starts[:n_cal], depth, tc.top_k, cfg.logging.progress)
         rest = list(zip(seqs, starts))[n_cal:] or list(zip(seqs, starts))
         same_source = [s[:st] for s, st in rest if st > 0][:n_val]
         source = f"data rows {where} ({min(n_cal, len(seqs))} rows)"
+        log(f"tree: calibrating on {source}")
     else:
         if tc.prompts == "eval" and tc.validation_prompts == "eval":
             texts = load_prompts("eval")[n_val : n_val + n_cal]  # after the ones validation decodes
@@ -476,7 +439,7 @@ def calibration_inputs(
         calib = calibrate_prompts(model, prompts[:n_cal], tc.calibration_max_new_tokens, depth, tc.top_k,
                                   progress=cfg.logging.progress)  # fmt: skip
         same_source = (prompts[n_cal:] or prompts)[:n_val]
-        source = f"{tc.prompts} prompts ({min(n_cal, len(prompts))}, greedy)"
+        source = f"{tc.prompts} prompts ({min(n_cal, len(prompts))}, greedy)" + (f"; {why_not}" if why_not else "")
     if tc.validation_prompts == "calibration":
         return TuningInputs(calib, same_source, None, source)
     if tc.validation_prompts == "eval":

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from medusa_toolkit import special_tokens
+from medusa_toolkit import data_artefact, special_tokens
 from medusa_toolkit.base_model import load_base_model, resolve_generation_dtype
 from medusa_toolkit.config import ToolkitConfig
 from medusa_toolkit.decoding import greedy_generate_batch
@@ -510,8 +510,7 @@ def _merge(
     g = torch.Generator().manual_seed(cfg.data.seed)
     heldout = torch.zeros(len(ds), dtype=torch.bool)
     heldout[torch.randperm(len(ds), generator=g)[:n_eval]] = True
-    ds = ds.add_column("heldout", heldout.tolist())
-    ds.save_to_disk(str(out_dir))
+    ds = data_artefact.save(ds, heldout.tolist(), out_dir)
     lengths = [len(x) for x in ds["input_ids"]]
     summary = {
         "prompts": num_prompts,
@@ -560,12 +559,5 @@ def frequent_targets(ds, k: int, always: list[int] = ()) -> tuple[list[int], flo
 
 def load_data(run_dir: Path):
     """The data artefact as (train, heldout) datasets."""
-    import datasets
-
-    path = Path(run_dir) / "data"
-    if not (path / "state.json").is_file():
-        raise DataError(f"no data artefact in {path}; run the 'data' stage first (medusa-train CONFIG --stages data)")
-    ds = datasets.load_from_disk(str(path))
-    heldout = [i for i, h in enumerate(ds["heldout"]) if h]
-    train = [i for i, h in enumerate(ds["heldout"]) if not h]
-    return ds.select(train), ds.select(heldout)
+    art = data_artefact.load(Path(run_dir) / "data")
+    return art.train, art.heldout
