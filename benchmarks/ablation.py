@@ -86,7 +86,7 @@ def data_seconds(summary: dict, counts: dict[str, int], s_per_self_prompt: float
 def eval_answers(model, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, the base's greedy answer ids) per prompt."""
     from medusa_toolkit import special_tokens
-    from medusa_toolkit.tree_tuning import base_greedy
+    from medusa_toolkit.tuning.tune import base_greedy
 
     eos = set(special_tokens.eos_ids(model))
     return [(ids, base_greedy(model, ids, max_new_tokens, eos)[0]) for ids in prompts]
@@ -130,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
-    from medusa_toolkit.base_model import load_base_model
     from medusa_toolkit.config import load_config
-    from medusa_toolkit.medusa_model import MedusaModel
+    from medusa_toolkit.model.base_model import load_base_model
+    from medusa_toolkit.model.medusa_model import MedusaModel
+    from medusa_toolkit.model.tree import MedusaTree
     from medusa_toolkit.prompts import eval_prompts, interleave_domains, render_prompt
     from medusa_toolkit.train.trainer import train
-    from medusa_toolkit.tree import MedusaTree
-    from medusa_toolkit.tree_timing import device_name
-    from medusa_toolkit.tree_tuning import validate
+    from medusa_toolkit.tuning.timing import device_name
+    from medusa_toolkit.tuning.tune import validate
 
     data_dir = Path(args.data)
     summary = json.loads((data_dir / "data_summary.json").read_text())

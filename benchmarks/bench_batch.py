@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from medusa_toolkit.decoding import medusa_generate_batch
+    from medusa_toolkit.decoding.generate import medusa_generate_batch
 
     model, prompts, name = load(args)
     new = args.max_new_tokens

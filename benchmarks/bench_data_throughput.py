@@ -22,8 +22,8 @@ import time
 import torch
 
 from medusa_toolkit import special_tokens
-from medusa_toolkit.base_model import has_bf16_matmul, load_base_model
-from medusa_toolkit.decoding import greedy_generate_batch
+from medusa_toolkit.decoding.generate import greedy_generate_batch
+from medusa_toolkit.model.base_model import has_bf16_matmul, load_base_model
 from medusa_toolkit.prompts import load_prompts, render_prompt
 
 

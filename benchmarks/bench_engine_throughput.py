@@ -22,9 +22,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from medusa_toolkit.base_model import resolve_model_path
 from medusa_toolkit.config import config_from_dict
-from medusa_toolkit.stages import run_pipeline
+from medusa_toolkit.model.base_model import resolve_model_path
+from medusa_toolkit.pipeline.stages import run_pipeline
 
 
 def data_tokens_per_s(cfg, run_dir: Path) -> tuple[float, dict]:

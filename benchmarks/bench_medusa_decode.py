@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from medusa_toolkit import MedusaHeads, MedusaModel, MedusaTree, load_base_model
-    from medusa_toolkit.calibration import calibrate_prompts
     from medusa_toolkit.prompts import eval_prompts, interleave_domains, load_prompts
-    from medusa_toolkit.tree_timing import device_name
-    from medusa_toolkit.tree_tuning import (
+    from medusa_toolkit.tuning.calibration import calibrate_prompts
+    from medusa_toolkit.tuning.timing import device_name
+    from medusa_toolkit.tuning.tune import (
         base_greedy,
         choose_tree,
         comparison_trees,

@@ -22,9 +22,9 @@ import time
 import torch
 
 from medusa_toolkit import special_tokens
-from medusa_toolkit.base_model import load_base_model
+from medusa_toolkit.model.base_model import load_base_model
 from medusa_toolkit.train import magpie
-from medusa_toolkit.tree_timing import device_name
+from medusa_toolkit.tuning.timing import device_name
 
 
 def with_generate(model, prefix, rows, max_tokens, eos, pad, seed) -> list[tuple[list[int], bool]]:

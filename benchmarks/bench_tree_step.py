@@ -1,9 +1,9 @@
 """What one Medusa step costs against a plain one-token step on this machine, for the trees a CPU can afford.
 
-Times `decoding.decode_step` (propose, the tree forward with its mask, acceptance, commit, the heads at the accepted
+Times `generate.decode_step` (propose, the tree forward with its mask, acceptance, commit, the heads at the accepted
 node) at a fixed KV length, exactly as the tree tuner does (`tree_timing.measure_step_times`), twice in one process:
 with transformers' own `sdpa` (`plain`: grouped-query heads copied by `repeat_kv` under the tree mask) and with the
-CPU variant decoding now uses (`medusa_toolkit.cpu_attention`). Then the commit alone: keeping the nodes of an
+CPU variant decoding now uses (`medusa_toolkit.decoding.cpu_attention`). Then the commit alone: keeping the nodes of an
 accepted chain (already in place: no K/V moves) against a branch that must move (one gather and scatter per layer).
 Each step time is printed as a ratio to the plain one-token step (what a tree must beat: the base's greedy step).
 
@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from medusa_toolkit import decoding
-from medusa_toolkit.medusa_model import MedusaModel
-from medusa_toolkit.tree import MedusaTree
-from medusa_toolkit.tree_timing import device_name
+from medusa_toolkit.decoding import generate
+from medusa_toolkit.model.medusa_model import MedusaModel
+from medusa_toolkit.model.tree import MedusaTree
+from medusa_toolkit.tuning.timing import device_name
 
 TREES = {
     "1 node": [],
@@ -34,15 +34,15 @@ TREES = {
 
 def step_ms(model: MedusaModel, prefix: torch.Tensor, tree: MedusaTree, plain: bool, repeats: int) -> float:
     """Median ms of one decode_step over `tree` after a prefill of `prefix`, the cache cut back after each repeat."""
-    with decoding.use_attention(model, "sdpa", plain=plain) as attn:
+    with generate.use_attention(model, "sdpa", plain=plain) as attn:
         buffers = tree.buffers(model.device)
-        start = decoding.prefill(model, prefix, None, max(tree.depth, 1), decoding.Greedy())
+        start = generate.prefill(model, prefix, None, max(tree.depth, 1), generate.Greedy())
         lens = start.cache.lens.clone()
         samples = []
         for i in range(repeats + 3):
-            state = decoding.DecodeState(start.cache, start.roots, start.medusa_logits[: tree.depth])
+            state = generate.DecodeState(start.cache, start.roots, start.medusa_logits[: tree.depth])
             t0 = time.perf_counter()
-            decoding.decode_step(model, state, tree, buffers, attn, decoding.Greedy())
+            generate.decode_step(model, state, tree, buffers, attn, generate.Greedy())
             if i >= 3:
                 samples.append(time.perf_counter() - t0)
             start.cache.set_lens(lens)
@@ -53,12 +53,12 @@ def commit_ms(model: MedusaModel, prefix: torch.Tensor, kept: list[int], repeats
     """Median ms of committing `kept` nodes of the 4-node tree [[0], [1], [0, 0]] just verified (node i + 1 is its
     i-th path): node 1 right after the root is in place, node 2 must move."""
     tree = MedusaTree.from_paths([[0], [1], [0, 0]])
-    with decoding.use_attention(model, "sdpa") as attn:
-        start = decoding.prefill(model, prefix, None, tree.depth, decoding.Greedy())
-        state = decoding.DecodeState(start.cache, start.roots, start.medusa_logits)
+    with generate.use_attention(model, "sdpa") as attn:
+        start = generate.prefill(model, prefix, None, tree.depth, generate.Greedy())
+        state = generate.DecodeState(start.cache, start.roots, start.medusa_logits)
         lens = start.cache.lens.clone()
-        tokens = decoding.propose(state.roots, state.medusa_logits, tree, tree.buffers(model.device))
-        decoding.verify_tree(model, tokens, tree.buffers(model.device), start.cache, attn)
+        tokens = generate.propose(state.roots, state.medusa_logits, tree, tree.buffers(model.device))
+        generate.verify_tree(model, tokens, tree.buffers(model.device), start.cache, attn)
         samples = []
         for _ in range(repeats):
             t0 = time.perf_counter()

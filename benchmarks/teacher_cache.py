@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from medusa_toolkit.base_model import load_base_model
 from medusa_toolkit.config import config_from_dict
+from medusa_toolkit.model.base_model import load_base_model
 from medusa_toolkit.train import trainer
 
 

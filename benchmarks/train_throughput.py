@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from medusa_toolkit.base_model import load_base_model
-from medusa_toolkit.heads import MedusaHeads
+from medusa_toolkit.model.base_model import load_base_model
+from medusa_toolkit.model.heads import MedusaHeads
 from medusa_toolkit.train.losses import MedusaObjective
 
 

@@ -14,8 +14,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from medusa_toolkit.cli import Shortcut, add_config_arguments, config_from_args, heads_argument, output_dir, run_command
 from medusa_toolkit.config import ConfigError
+from medusa_toolkit.pipeline.cli import (
+    Shortcut,
+    add_config_arguments,
+    config_from_args,
+    heads_argument,
+    output_dir,
+    run_command,
+)
 
 SHORTCUTS = [
     Shortcut("--format", "export.formats", "package layout(s): medusa, vllm or all", choices=("medusa", "vllm", "all"),

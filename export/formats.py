@@ -1,4 +1,4 @@
-"""The two package layouts medusa-export writes: weights (tensor layouts from medusa_toolkit.heads_io) + config.json.
+"""The two package layouts medusa-export writes: weights (tensor layouts from medusa_toolkit.model.heads_io) + config.json.
 
 Both hold the same function: head i is `num_layers` residual blocks `x + SiLU(W x + b)` then a vocab projection.
 - medusa: `medusa_lm_head.safetensors` with `{i}.{j}.linear.weight|bias` and `{i}.{num_layers}.weight` (projection),
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from medusa_toolkit.heads import MedusaHeads
-from medusa_toolkit.heads_io import VLLM_WEIGHTS_NAME, WEIGHTS_NAME, upstream_tensors, vllm_tensors
+from medusa_toolkit.model.heads import MedusaHeads
+from medusa_toolkit.model.heads_io import VLLM_WEIGHTS_NAME, WEIGHTS_NAME, upstream_tensors, vllm_tensors
 from medusa_toolkit.version import __version__
 
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from medusa_toolkit.base_model import BUILTIN_HUB_IDS, base_hub_id
 from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.export.formats import write_medusa, write_vllm
 from medusa_toolkit.export.model_card import CardInfo, build_model_card
 from medusa_toolkit.fingerprint import folder_files
-from medusa_toolkit.heads import MedusaHeads
+from medusa_toolkit.model.base_model import BUILTIN_HUB_IDS, base_hub_id
+from medusa_toolkit.model.heads import MedusaHeads
 
 FORMATS = ("medusa", "vllm")
 

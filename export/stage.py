@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from medusa_toolkit.base_model import base_hub_id
 from medusa_toolkit.config import ToolkitConfig
 from medusa_toolkit.export.model_card import report_mismatch, verification_verdict
 from medusa_toolkit.export.package import ExportError, ExportInputs, export_packages, repo_ids_for, resolve_formats
-from medusa_toolkit.heads import HeadsLoadError, MedusaHeads
 from medusa_toolkit.hub import PushResult, push_folder
-from medusa_toolkit.tree import MedusaTree, TreeError, tree_digest
+from medusa_toolkit.model.base_model import base_hub_id
+from medusa_toolkit.model.heads import HeadsLoadError, MedusaHeads
+from medusa_toolkit.model.tree import MedusaTree, TreeError, tree_digest
 
 
 def read_json(path: str | Path | None) -> dict | list | None:
@@ -63,7 +63,7 @@ def load_base_parts(
             )
         return None, None
     if need_lm_head:
-        from medusa_toolkit.base_model import load_base_model
+        from medusa_toolkit.model.base_model import load_base_model
 
         log(f"[export] loading {base} for its lm_head (the heads share it)")
         model, tokenizer = load_base_model(base, dtype="float32", device="cpu")
@@ -78,7 +78,7 @@ def load_base_parts(
     try:
         from transformers import AutoTokenizer
 
-        from medusa_toolkit.base_model import resolve_model_path
+        from medusa_toolkit.model.base_model import resolve_model_path
 
         return None, AutoTokenizer.from_pretrained(resolve_model_path(base))
     except Exception as e:  # the tokenizer only spares TGI users a flag
@@ -192,7 +192,7 @@ def push_packages(
 
 def export(cfg: ToolkitConfig, req: ExportRequest, out_dir: Path, log: Callable = print) -> dict[str, Path]:
     """Write the configured packages into out_dir (and push them when export.push_to_hub is set)."""
-    from medusa_toolkit.base_model import resolve_dtype
+    from medusa_toolkit.model.base_model import resolve_dtype
 
     ex = cfg.export
     formats = resolve_formats(ex.formats)

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from medusa_toolkit import distributed as D
 from medusa_toolkit.config import config_from_dict
-from medusa_toolkit.train import distributed as D
 from medusa_toolkit.train import trainer
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from medusa_toolkit.heads import MedusaHeads
-from medusa_toolkit.medusa_model import BaseHead, MedusaModel
+from medusa_toolkit.model.heads import MedusaHeads
+from medusa_toolkit.model.medusa_model import BaseHead, MedusaModel
 from medusa_toolkit.train.losses import MedusaObjective
 
 TINY = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,

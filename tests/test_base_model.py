@@ -5,7 +5,8 @@ import torch
 from tiny import tiny_base
 
 from medusa_toolkit import MedusaHeads, MedusaModel, ModelLoadError, load_base_model, medusa_generate
-from medusa_toolkit import base_model as models_mod
+from medusa_toolkit.cache import cache_dir
+from medusa_toolkit.model import base_model as models_mod
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def test_builtin_smollm2_loads_frozen(smollm):
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert tokenizer.chat_template and tokenizer.eos_token_id is not None
     # converted once into a plain float folder, with no quantization leftovers
-    folder = models_mod.cache_dir() / "models" / "smollm2-135m-instruct"
+    folder = cache_dir() / "models" / "smollm2-135m-instruct"
     assert (folder / "config.json").is_file() and "quantization_config" not in (folder / "config.json").read_text()
 
 

@@ -7,9 +7,10 @@ from tiny import BRANCHING, fitted
 from transformers.integrations import sdpa_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from medusa_toolkit import decoding, medusa_generate
-from medusa_toolkit.cpu_attention import CPU_SDPA_NAME, cpu_sdpa_forward
-from medusa_toolkit.row_cache import RowCache, RowLayer, _RowState
+from medusa_toolkit import medusa_generate
+from medusa_toolkit.decoding import generate
+from medusa_toolkit.decoding.cpu_attention import CPU_SDPA_NAME, cpu_sdpa_forward
+from medusa_toolkit.decoding.row_cache import RowCache, RowLayer, _RowState
 
 
 class Grouped(torch.nn.Module):
@@ -58,9 +59,9 @@ def test_cpu_tree_steps_copy_no_kv_heads_and_stay_exact(repeat_kv_calls):
 def test_decoding_switches_to_the_cpu_variant_and_the_reference_does_not():
     model, _ = fitted("llama")
     seen = {}
-    with decoding.use_attention(model, "sdpa") as name:
+    with generate.use_attention(model, "sdpa") as name:
         seen["decoding"] = (name, model.base.config._attn_implementation)
-    with decoding.use_attention(model, "sdpa", plain=True) as name:
+    with generate.use_attention(model, "sdpa", plain=True) as name:
         seen["reference"] = (name, model.base.config._attn_implementation)
     assert seen == {"decoding": ("sdpa", CPU_SDPA_NAME), "reference": ("sdpa", "sdpa")}
 

@@ -12,8 +12,8 @@ from tiny import BYTE_VOCAB, EOS, byte_tokenizer, tiny_base, tiny_model_dir
 from train_helpers import base_config
 
 from medusa_toolkit.config import ConfigError, config_from_dict
+from medusa_toolkit.pipeline.stages import run_pipeline
 from medusa_toolkit.prompts import EVAL_DOMAINS, eval_prompts, interleave_domains
-from medusa_toolkit.stages import run_pipeline
 from medusa_toolkit.train import data as data_mod
 from medusa_toolkit.train.magpie import MagpieError, PromptSampling, pre_query_ids, self_prompts
 
@@ -333,7 +333,7 @@ def test_recorded_conversations_keep_their_text_and_learn_the_base_argmax(tmp_pa
 
 def test_regenerate_false_needs_recorded_turns_and_the_base_in_process(tmp_path):
     from medusa_toolkit.config import ConfigError
-    from medusa_toolkit.stages import check_inputs
+    from medusa_toolkit.pipeline.stages import check_inputs
 
     model_dir = tiny_model_dir(tmp_path / "model")
     raw = base_config(model_dir)

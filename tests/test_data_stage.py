@@ -11,10 +11,10 @@ import torch
 from tiny import tiny_model_dir
 from train_helpers import base_config
 
-from medusa_toolkit.base_model import load_base_model
 from medusa_toolkit.config import config_from_dict
+from medusa_toolkit.model.base_model import load_base_model
+from medusa_toolkit.pipeline.stages import run_pipeline
 from medusa_toolkit.prompts import BUILTIN_PROMPTS, render_prompt
-from medusa_toolkit.stages import run_pipeline
 from medusa_toolkit.train import data as data_mod
 
 

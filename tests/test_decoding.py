@@ -1,4 +1,4 @@
-"""Exactness of Medusa greedy decoding: token ids must equal the base model's own greedy decoding."""
+"""Exactness of Medusa greedy decoding: token ids must equal the base model's own greedy generate."""
 
 import pytest
 import torch
@@ -54,9 +54,9 @@ def test_branching_tree_accepts_non_top1_candidates(setup):
     weak = MedusaModel(base, fit_heads(base, num_heads=4, steps=15, seed=1))
     tree = MedusaTree.from_paths(BRANCHING)
     used_rank = False
-    from medusa_toolkit import decoding
+    from medusa_toolkit.decoding import generate
 
-    original = decoding.accept_greedy
+    original = generate.accept_greedy
 
     def spy(tree_tokens, logits, buffers):
         nonlocal used_rank
@@ -66,13 +66,13 @@ def test_branching_tree_accepts_non_top1_candidates(setup):
         used_rank |= any(any(r > 0 for r in paths[i]) for i in accepted_nodes.tolist())
         return step
 
-    decoding.accept_greedy = spy
+    generate.accept_greedy = spy
     try:
         for ids in prompts(corpus):
             out = medusa_generate(weak, ids, max_new_tokens=48, tree=tree)
             assert torch.equal(out.sequences, reference(weak, ids, 48))
     finally:
-        decoding.accept_greedy = original
+        generate.accept_greedy = original
     assert used_rank
 
 

@@ -25,7 +25,7 @@ from train_helpers import base_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from medusa_toolkit.config import config_from_dict
-from medusa_toolkit.stages import run_pipeline
+from medusa_toolkit.pipeline.stages import run_pipeline
 from medusa_toolkit.train import engine as engine_mod
 from medusa_toolkit.train.data import base_model_metadata
 from medusa_toolkit.train.engine import EngineError, OpenAIEngine

@@ -18,7 +18,7 @@ from medusa_toolkit.export import package as package_mod
 from medusa_toolkit.export.cli import main as export_main
 from medusa_toolkit.export.package import ExportInputs, export_packages
 from medusa_toolkit.export.stage import ExportError, ExportRequest, gather_inputs, run_export
-from medusa_toolkit.heads import HeadsLoadError
+from medusa_toolkit.model.heads import HeadsLoadError
 
 H, V = 64, 256
 
@@ -191,7 +191,7 @@ def test_export_is_atomic(tmp_path, monkeypatch):
 
 def bound_settings(heads: MedusaHeads, tree: dict | None) -> dict:
     """The report settings that name exactly these heads and this tree (what medusa-verify writes)."""
-    from medusa_toolkit.tree import MedusaTree, tree_digest
+    from medusa_toolkit.model.tree import MedusaTree, tree_digest
 
     tree_sha = tree_digest(MedusaTree.from_paths(tree["paths"], top_k=tree.get("top_k"))) if tree else None
     return {"heads_sha256": heads.content_hash(), "tree_sha256": tree_sha}

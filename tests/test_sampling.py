@@ -10,8 +10,8 @@ import torch
 from scipy import stats
 from tiny import fitted
 
-from medusa_toolkit import sampling as sampling_mod
-from medusa_toolkit.sampling import accept_lossless, logits_processor, medusa_sample, probabilities
+from medusa_toolkit.decoding import sampling as sampling_mod
+from medusa_toolkit.decoding.sampling import accept_lossless, logits_processor, medusa_sample, probabilities
 from medusa_toolkit.verify.distribution import check_sampling, parse_sampling_spec
 
 ALPHA = 0.001

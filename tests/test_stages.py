@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medusa_toolkit import stages
 from medusa_toolkit.config import config_from_dict
+from medusa_toolkit.pipeline import stages
 
 
 @pytest.fixture

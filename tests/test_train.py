@@ -14,7 +14,7 @@ from tiny import tiny_model_dir
 from train_helpers import base_config, write_permutation_data
 
 from medusa_toolkit.config import config_from_dict
-from medusa_toolkit.heads import MedusaHeads
+from medusa_toolkit.model.heads import MedusaHeads
 from medusa_toolkit.train import losses, trainer
 from medusa_toolkit.train.cli import main as cli_main
 
@@ -371,7 +371,7 @@ def test_a_killed_builds_stale_lock_is_removed_before_it_can_hang_a_run(tmp_path
     import os
     import time
 
-    from medusa_toolkit.train import distributed
+    from medusa_toolkit import distributed
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     stale = [tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "other_op" / "lock"]

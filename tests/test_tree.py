@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from medusa_toolkit import MedusaTree, TreeError
-from medusa_toolkit.tree import MC_SIM_7B_63
+from medusa_toolkit.model.tree import MC_SIM_7B_63
 
 
 def test_buffers_of_a_small_tree_by_hand():

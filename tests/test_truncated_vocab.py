@@ -13,11 +13,11 @@ from tiny import BRANCHING, fit_heads, fitted, tiny_base, tiny_model_dir
 from train_helpers import base_config
 
 from medusa_toolkit.config import config_from_dict
-from medusa_toolkit.decoding import medusa_generate
+from medusa_toolkit.decoding.generate import medusa_generate
 from medusa_toolkit.export.formats import write_medusa, write_vllm
-from medusa_toolkit.heads import MedusaHeads
-from medusa_toolkit.medusa_model import MedusaModel
-from medusa_toolkit.stages import run_pipeline
+from medusa_toolkit.model.heads import MedusaHeads
+from medusa_toolkit.model.medusa_model import MedusaModel
+from medusa_toolkit.pipeline.stages import run_pipeline
 from medusa_toolkit.train.data import frequent_targets
 from medusa_toolkit.train.losses import MedusaObjective
 

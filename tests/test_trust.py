@@ -15,9 +15,10 @@ import torch
 import yaml
 from tiny import BYTE_VOCAB, tiny_model_dir
 
-from medusa_toolkit import MedusaHeads, stages
+from medusa_toolkit import MedusaHeads
 from medusa_toolkit.config import config_from_dict, load_config
 from medusa_toolkit.export.cli import main as export_main
+from medusa_toolkit.pipeline import stages
 from medusa_toolkit.train.cli import main as train_main
 from medusa_toolkit.verify.cli import main as verify_main
 
@@ -167,7 +168,7 @@ def test_truncated_weights_are_a_load_error_not_a_mismatch(tmp_path, model_dir, 
     assert "truncated or corrupt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", ["train.cli", "verify.cli", "tune_cli", "export.cli"])
+@pytest.mark.parametrize("module", ["train.cli", "verify.cli", "tuning.cli", "export.cli"])
 def test_help_works_without_dev_extras(module):
     """`pip install medusa-toolkit` has no scipy, pytest or ruff: every --help must still work."""
     blocked = "; ".join(f"sys.modules[{m!r}] = None" for m in ("scipy", "pytest", "_pytest", "ruff", "pytest_timeout"))
@@ -309,7 +310,7 @@ def test_pushed_packages_need_a_hub_id_for_the_base(tmp_path, model_dir, capsys)
 
 
 def test_uncached_hub_base_offline_names_the_real_fix():
-    from medusa_toolkit.base_model import ModelLoadError, load_base_model
+    from medusa_toolkit.model.base_model import ModelLoadError, load_base_model
 
     with pytest.raises(ModelLoadError) as info:
         load_base_model("some-org/not-cached-anywhere")

@@ -12,11 +12,11 @@ import torch
 from tiny import fitted, save_model_dir
 
 from medusa_toolkit import MedusaHeads, MedusaTree, data_artefact
-from medusa_toolkit.calibration import Calibration, CalibrationError, calibrate_sequences, count_paths
 from medusa_toolkit.config import config_from_dict
-from medusa_toolkit.heads import HeadsLoadError
-from medusa_toolkit.tree_search import accept_length_curve, greedy_order, tree_for_budget
-from medusa_toolkit.tree_tuning import TuneError, choose_tree, comparison_trees, resolve_depth, run_tree, validate
+from medusa_toolkit.model.heads import HeadsLoadError
+from medusa_toolkit.tuning.calibration import Calibration, CalibrationError, calibrate_sequences, count_paths
+from medusa_toolkit.tuning.search import accept_length_curve, greedy_order, tree_for_budget
+from medusa_toolkit.tuning.tune import TuneError, choose_tree, comparison_trees, resolve_depth, run_tree, validate
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Synthetic tables
@@ -195,18 +195,18 @@ def test_stage_writes_tree_and_plots(tiny, tmp_path):
 def test_tuner_falls_back_to_the_one_node_tree_when_no_tree_pays(tiny, tmp_path, monkeypatch):
     """A tuned tree that decodes slower than base greedy on the validation prompts is never shipped: tree.json holds
     the 1-node tree, says why, and predicts what that tree does (one token per step)."""
-    from medusa_toolkit import tree_tuning
+    from medusa_toolkit.tuning import tune
 
     model, corpus = tiny
     cfg, run_dir, out = _fake_run(tmp_path, model, corpus)
-    real = tree_tuning.validate
+    real = tune.validate
 
     def slow(*args, **kwargs):
         results = real(*args, **kwargs)
         results["tuned"]["speedup_vs_base"] = 0.8  # as if this machine verified trees slowly
         return results
 
-    monkeypatch.setattr(tree_tuning, "validate", slow)
+    monkeypatch.setattr(tune, "validate", slow)
     run_tree(cfg, run_dir, out)
     record = json.loads((out / "tree.json").read_text())
     tree = MedusaTree.from_file(out / "tree.json")
@@ -228,7 +228,7 @@ def test_tune_tree_data_flag_reads_data_made_elsewhere(tiny, tmp_path):
     one is an error that says so, not a silent switch to prompts."""
     import datasets
 
-    from medusa_toolkit.tree_tuning import calibration_rows
+    from medusa_toolkit.tuning.tune import calibration_rows
 
     model, corpus = tiny
     rows = [row.tolist() for row in corpus]
@@ -251,7 +251,7 @@ def staged_run(tmp_path_factory):
     from tiny import tiny_model_dir
     from train_helpers import base_config
 
-    from medusa_toolkit.stages import run_pipeline
+    from medusa_toolkit.pipeline.stages import run_pipeline
 
     root = tmp_path_factory.mktemp("staged")
     model_dir = tiny_model_dir(root / "model")
@@ -300,14 +300,14 @@ def test_tree_stage_without_heldout_rows_falls_back_to_prompts_and_says_so(stage
 def test_calibration_on_eval_prompts_never_overlaps_the_validation_prompts(tiny, tmp_path, monkeypatch):
     """calibrate_on: prompts ignores the data rows; with eval prompts for both, calibration takes the eval prompts
     after the validation ones, so the tree is checked on prompts it was not fitted to."""
-    from medusa_toolkit import tree_tuning
+    from medusa_toolkit.tuning import tune
 
     model, corpus = tiny
     cfg, run_dir, out = _fake_run(tmp_path, model, corpus)
     cfg = config_from_dict({**cfg.to_dict(), "tree": {**cfg.to_dict()["tree"], "calibrate_on": "prompts",
                                                       "prompts": "eval", "validation_prompts": "eval"}})  # fmt: skip
     seen = {}
-    real_calibrate, real_validate = tree_tuning.calibrate_prompts, tree_tuning.validate
+    real_calibrate, real_validate = tune.calibrate_prompts, tune.validate
 
     def calibrate(model, prompts, *args, **kwargs):
         seen["calibration"] = prompts
@@ -317,9 +317,9 @@ def test_calibration_on_eval_prompts_never_overlaps_the_validation_prompts(tiny,
         seen["validation"] = prompts
         return real_validate(model, trees, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(tree_tuning, "calibrate_prompts", calibrate)
-    monkeypatch.setattr(tree_tuning, "validate", validate)
-    monkeypatch.setattr(tree_tuning, "calibrate_sequences", lambda *a, **k: pytest.fail("calibrated on data rows"))
+    monkeypatch.setattr(tune, "calibrate_prompts", calibrate)
+    monkeypatch.setattr(tune, "validate", validate)
+    monkeypatch.setattr(tune, "calibrate_sequences", lambda *a, **k: pytest.fail("calibrated on data rows"))
     run_tree(cfg, run_dir, out)
     record = json.loads((out / "tree.json").read_text())
     assert record["calibration"]["source"].startswith("eval prompts")

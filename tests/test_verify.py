@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny import BRANCHING, fitted
 
-import medusa_toolkit.decoding as decoding
+from medusa_toolkit.decoding import generate
 from medusa_toolkit.verify.report import junit_xml, validate_report, write_json, write_junit
 from medusa_toolkit.verify.verifier import classify_divergence, decide, default_tie_tolerance, verify_heads
 
@@ -88,21 +88,21 @@ def no_compaction(cache, nodes, counts):
     cache.set_lens(cache.lens + counts)
 
 
-ORIGINAL = {name: getattr(decoding, name) for name in ("attn_inputs", "verify_tree", "commit")}
+ORIGINAL = {name: getattr(generate, name) for name in ("attn_inputs", "verify_tree", "commit")}
 SABOTAGE = {"attn_inputs": sibling_mask, "verify_tree": off_by_one_verify, "commit": no_compaction}
 
 
 @pytest.mark.parametrize("name", list(SABOTAGE))
 def test_catches_broken_decoding(tiny, name, monkeypatch, tmp_path):
     model, prompts = tiny
-    monkeypatch.setattr(decoding, name, SABOTAGE[name])
+    monkeypatch.setattr(generate, name, SABOTAGE[name])
     report = run(model, prompts)
     check_caught(report, tmp_path)
 
 
 def test_catches_leaky_mask_in_flash_decoding(tiny, monkeypatch, tmp_path):
     model, prompts = tiny
-    monkeypatch.setattr(decoding, "attn_inputs", sibling_mask)
+    monkeypatch.setattr(generate, "attn_inputs", sibling_mask)
     check_caught(run(model, prompts, attn_implementation="medusa_flash_decoding"), tmp_path)
 
 
@@ -129,7 +129,7 @@ def check_caught(report, tmp_path):
 def test_ties_pass_unless_strict(tiny, monkeypatch):
     """Broken positions with an enormous tolerance: every divergence is a 'tie' -> exit 0, but 1 under --strict."""
     model, prompts = tiny
-    monkeypatch.setattr(decoding, "verify_tree", off_by_one_verify)
+    monkeypatch.setattr(generate, "verify_tree", off_by_one_verify)
     report = run(model, prompts[:1], tie_tolerance=1e9)
     assert report.summary["ties"] == 1 and report.prompts[0].divergence.kind == "tie"
     assert report.exit_code == 0
@@ -160,12 +160,12 @@ def test_batched_medusa_is_verified_against_single_prompt_references(tiny):
 def test_batched_sabotage_is_caught(tiny, monkeypatch):
     """A batched decoder that gives every row the first row's positions must fail verification."""
     model, prompts = tiny
-    real = decoding.medusa_generate_batch
+    real = generate.medusa_generate_batch
 
     def broken(model, input_ids, attention_mask, *args, **kwargs):
         return real(model, input_ids, torch.ones_like(attention_mask), *args, **kwargs)  # padding treated as text
 
-    monkeypatch.setattr(decoding, "medusa_generate_batch", broken)
+    monkeypatch.setattr(generate, "medusa_generate_batch", broken)
     report = run(model, [prompts[0], prompts[1][:3], prompts[0][:5]], tree="chain-4", batch_size=3)
     assert report.exit_code == 1 and report.summary["mismatches"] >= 1
 

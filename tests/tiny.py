@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from medusa_toolkit import MedusaHeads, MedusaModel
-from medusa_toolkit.base_model import freeze
+from medusa_toolkit.model.base_model import freeze
 
 VOCAB = 256
 # A branching tree with rank > 0 nodes at several depths (rejections and non-top-1 acceptances both happen).

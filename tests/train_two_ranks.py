@@ -5,9 +5,9 @@ import json
 import sys
 from pathlib import Path
 
+from medusa_toolkit import distributed as D
 from medusa_toolkit.config import config_from_dict
-from medusa_toolkit.stages import run_pipeline
-from medusa_toolkit.train import distributed as D
+from medusa_toolkit.pipeline.stages import run_pipeline
 from medusa_toolkit.train import trainer
 
 cfg_path, run_dir = Path(sys.argv[1]), Path(sys.argv[2])

@@ -4,8 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+from medusa_toolkit import distributed as D
 from medusa_toolkit.config import config_from_dict
-from medusa_toolkit.train import distributed as D
 from medusa_toolkit.train import trainer
 
 cfg_path, run_dir = Path(sys.argv[1]), Path(sys.argv[2])

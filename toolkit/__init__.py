@@ -12,17 +12,17 @@ if importlib.util.find_spec("medusa_toolkit.kernels") is None:
         "`pip install -e . --config-settings editable_mode=strict` (what `make bootstrap` runs) or `pip install .`"
     )
 
-from medusa_toolkit.base_model import ModelLoadError, load_base_model  # noqa: E402
 from medusa_toolkit.config import ConfigError, ToolkitConfig, load_config  # noqa: E402
-from medusa_toolkit.decoding import (  # noqa: E402
+from medusa_toolkit.decoding.generate import (  # noqa: E402
     BatchGenerateOutput,
     MedusaGenerateOutput,
     medusa_generate,
     medusa_generate_batch,
 )
-from medusa_toolkit.heads import HeadsLoadError, MedusaHeads  # noqa: E402
-from medusa_toolkit.medusa_model import MedusaModel, MedusaOutput  # noqa: E402
-from medusa_toolkit.tree import MedusaTree, TreeError  # noqa: E402
+from medusa_toolkit.model.base_model import ModelLoadError, load_base_model  # noqa: E402
+from medusa_toolkit.model.heads import HeadsLoadError, MedusaHeads  # noqa: E402
+from medusa_toolkit.model.medusa_model import MedusaModel, MedusaOutput  # noqa: E402
+from medusa_toolkit.model.tree import MedusaTree, TreeError  # noqa: E402
 from medusa_toolkit.version import __version__  # noqa: E402
 
 __all__ = [

@@ -13,13 +13,13 @@ import os
 import tempfile
 from pathlib import Path
 
+from medusa_toolkit.cache import cache_dir
+
 CHUNK = 1 << 20
 _MEMO: dict[str, str] | None = None
 
 
 def _memo_path() -> Path:
-    from medusa_toolkit.base_model import cache_dir
-
     return cache_dir() / "digests.json"
 
 

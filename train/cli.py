@@ -15,8 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from medusa_toolkit.cli import Shortcut, add_config_arguments, config_from_args, run_command
 from medusa_toolkit.errors import ToolkitError
+from medusa_toolkit.pipeline.cli import Shortcut, add_config_arguments, config_from_args, run_command
 
 SHORTCUTS = [
     Shortcut("--output-dir", "output_dir", "run directory"),
@@ -59,9 +59,9 @@ def run(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = config_from_args(args, SHORTCUTS)
 
-    from medusa_toolkit.stages import check_inputs, run_pipeline
-    from medusa_toolkit.summary import pipeline_summary
-    from medusa_toolkit.train import distributed as D
+    from medusa_toolkit import distributed as D
+    from medusa_toolkit.pipeline.stages import check_inputs, run_pipeline
+    from medusa_toolkit.pipeline.summary import pipeline_summary
 
     check_inputs(cfg, cfg.stages)  # every file the config names, before DeepSpeed or any model loads
     D.init_distributed()

@@ -23,10 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from medusa_toolkit import data_artefact, special_tokens
-from medusa_toolkit.base_model import load_base_model, resolve_generation_dtype
+from medusa_toolkit import distributed as D
 from medusa_toolkit.config import ToolkitConfig
-from medusa_toolkit.decoding import greedy_generate_batch
+from medusa_toolkit.decoding.generate import greedy_generate_batch
 from medusa_toolkit.errors import ToolkitError
+from medusa_toolkit.model.base_model import load_base_model, resolve_generation_dtype
 from medusa_toolkit.prompts import (
     PromptError,
     chat_ids,
@@ -36,7 +37,6 @@ from medusa_toolkit.prompts import (
     render_prompt,
     user_reply_pairs,
 )
-from medusa_toolkit.train import distributed as D
 
 SUMMARY = "data_summary.json"
 
@@ -47,7 +47,7 @@ class DataError(ToolkitError, ValueError):
 
 def data_hash(cfg: ToolkitConfig, run_dir: Path) -> str:
     """Hash of what the generated data depends on: the data stage's inputs (config values and file contents)."""
-    from medusa_toolkit.stages import STAGES, input_hash
+    from medusa_toolkit.pipeline.stages import STAGES, input_hash
 
     return input_hash(cfg, STAGES["data"], Path(run_dir))[:16]
 
@@ -298,7 +298,7 @@ def _text_rows(cfg: ToolkitConfig, model, tokenizer, items: list[tuple[int, Conv
     t after the recorded prefix, so the heads still learn to guess the base, not the recorded speaker. Rows are cut at
     data.max_prompt_tokens + data.max_new_tokens, the longest a generated row can be.
     """
-    from medusa_toolkit.medusa_model import BaseHead
+    from medusa_toolkit.model.medusa_model import BaseHead
 
     d = cfg.data
     limit = d.max_prompt_tokens + d.max_new_tokens
@@ -351,7 +351,7 @@ def base_model_metadata(name_or_path: str):
     """(config + generation config holder, tokenizer) of a base, without loading its weights."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from medusa_toolkit.base_model import resolve_model_path
+    from medusa_toolkit.model.base_model import resolve_model_path
 
     path = resolve_model_path(name_or_path)
     try:

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medusa_toolkit.heads import MedusaHeads
-from medusa_toolkit.medusa_model import BaseHead
+from medusa_toolkit.model.heads import MedusaHeads
+from medusa_toolkit.model.medusa_model import BaseHead
 
 # Per head: loss_sum, count, top1_correct, top5_correct.
 STATS = 4

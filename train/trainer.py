@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from medusa_toolkit import distributed as D
 from medusa_toolkit import special_tokens
-from medusa_toolkit.base_model import load_base_model
 from medusa_toolkit.config import ToolkitConfig
 from medusa_toolkit.errors import ToolkitError
-from medusa_toolkit.heads import MedusaHeads
-from medusa_toolkit.medusa_model import BaseHead
-from medusa_toolkit.train import distributed as D
+from medusa_toolkit.model.base_model import load_base_model
+from medusa_toolkit.model.heads import MedusaHeads
+from medusa_toolkit.model.medusa_model import BaseHead
 from medusa_toolkit.train.data import frequent_targets, load_data
 from medusa_toolkit.train.losses import MedusaObjective, target_counts
 
@@ -41,7 +41,7 @@ class TrainError(ToolkitError, ValueError):
 def config_hash(cfg: ToolkitConfig, run_dir: Path) -> str:
     """Hash of everything the trained heads depend on (the train stage's inputs: config, the data artefact's content,
     the DeepSpeed JSON, the base); a checkpoint of another hash is never resumed."""
-    from medusa_toolkit.stages import STAGES, input_hash
+    from medusa_toolkit.pipeline.stages import STAGES, input_hash
 
     return input_hash(cfg, STAGES["train"], Path(run_dir))[:16]
 
@@ -239,9 +239,9 @@ def teacher_key(cfg: ToolkitConfig, run_dir: Path, chash: str) -> str:
     """What the base's hidden states depend on: the data artefact's content and the base (weights, dtype, attention).
     Learning rate, epochs or heads do not change them, so a sweep over those reuses the on-disk cache. Data made
     outside the stages has no content hash to trust: then the whole train-stage input hash `chash` is the key."""
-    from medusa_toolkit.base_model import base_fingerprint
     from medusa_toolkit.fingerprint import digest_of
-    from medusa_toolkit.stages import read_manifest
+    from medusa_toolkit.model.base_model import base_fingerprint
+    from medusa_toolkit.pipeline.stages import read_manifest
 
     manifest = read_manifest(Path(run_dir) / "data")
     if not manifest or not manifest.get("artefact_hash"):

@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from medusa_toolkit.cli import (
+from medusa_toolkit.config import ConfigError
+from medusa_toolkit.pipeline.cli import (
     Shortcut,
     add_config_arguments,
     config_from_args,
@@ -21,7 +22,6 @@ from medusa_toolkit.cli import (
     require_base,
     run_command,
 )
-from medusa_toolkit.config import ConfigError
 
 ATTN_CHOICES = ("sdpa", "eager", "medusa_flash_decoding")
 DTYPES = ("float32", "bfloat16", "float16")

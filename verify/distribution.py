@@ -27,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from medusa_toolkit.medusa_model import MedusaModel
-from medusa_toolkit.sampling import ACCEPTANCE, logits_processor, medusa_sample, probabilities
+from medusa_toolkit.decoding.sampling import ACCEPTANCE, logits_processor, medusa_sample, probabilities
+from medusa_toolkit.model.medusa_model import MedusaModel
 
 SAMPLING_KEYS = {"temperature": float, "top_p": float, "top_k": int}
 

@@ -1,7 +1,7 @@
-"""The losslessness verifier: Medusa greedy decoding must be token-identical to the base model's greedy decoding.
+"""The losslessness verifier: Medusa greedy decoding must be token-identical to the base model's greedy generate.
 
 For every prompt the *reference* is the base's plain `generate(do_sample=False)` under SDPA (raw logits kept for the
-tie check) and the *candidate* is `medusa_toolkit.decoding.medusa_generate` with the tree and attention under test.
+tie check) and the *candidate* is `medusa_toolkit.decoding.generate.medusa_generate` with the tree and attention under test.
 At the first differing token the divergence is a numerical TIE when the candidate's token is within `tolerance` of the
 reference's best logit (so the reference's top-2 margin is too), else a MISMATCH: a real bug (mask, positions, cache).
 Alongside, it measures what users tune for: accepted tokens per step, per-head accuracy, tokens/s of both sides.
@@ -81,7 +81,7 @@ def reference_generate(
     """
     from transformers import GenerationConfig
 
-    from medusa_toolkit.decoding import use_attention
+    from medusa_toolkit.decoding.generate import use_attention
 
     base = model.base
     eos, pad = special_tokens.eos_ids(model), special_tokens.pad_token_id(model)
@@ -137,13 +137,13 @@ def medusa_candidates(
     model: Any, batch: list[list[int]], tree: Any, max_new_tokens: int, attn: str
 ) -> list[Candidate] | str:
     """Run the decoding under test on a batch of prompts (batched Medusa when more than one); an error string if it crashed."""
-    from medusa_toolkit import decoding  # module attribute at call time: tests swap in sabotaged decoders
+    from medusa_toolkit.decoding import generate  # module attribute at call time: tests swap in sabotaged decoders
 
     eos = special_tokens.eos_ids(model)
     try:
         if len(batch) == 1:
             ids = torch.tensor(batch[0], device=model.device)[None]
-            out = decoding.medusa_generate(
+            out = generate.medusa_generate(
                 model, ids, max_new_tokens, tree=tree, eos_token_id=eos, attn_implementation=attn
             )
             return [Candidate(out.sequences[0, ids.shape[1] :].tolist(), list(out.accept_lengths), out.wall_time)]
@@ -151,7 +151,7 @@ def medusa_candidates(
         pad = special_tokens.pad_token_id(model)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=model.device)  # left padding
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
-        out = decoding.medusa_generate_batch(
+        out = generate.medusa_generate_batch(
             model, ids, mask, max_new_tokens, tree=tree, eos_token_id=eos, attn_implementation=attn
         )
         share = out.wall_time / len(batch)
@@ -284,9 +284,9 @@ def verify_heads(
     """
     from tqdm.auto import tqdm
 
-    from medusa_toolkit.decoding import use_attention
+    from medusa_toolkit.decoding.generate import use_attention
+    from medusa_toolkit.model.tree import MedusaTree
     from medusa_toolkit.prompts import render_prompt
-    from medusa_toolkit.tree import MedusaTree
 
     tree = MedusaTree.resolve(tree, model.num_heads)
     dtype = str(model.dtype).removeprefix("torch.")
@@ -328,8 +328,8 @@ def verify_heads(
             bar.set_postfix(status=result.status, accept=f"{result.mean_accept_length:.2f}",
                             tok_s=f"{result.medusa_tokens / result.medusa_time_s:.1f}")  # fmt: skip
     summary = summarize(results, hits)
-    from medusa_toolkit.base_model import base_fingerprint
-    from medusa_toolkit.tree import tree_digest
+    from medusa_toolkit.model.base_model import base_fingerprint
+    from medusa_toolkit.model.tree import tree_digest
 
     base_name = (settings or {}).get("base")
     full_settings = {
@@ -376,10 +376,10 @@ def select_prompts(v: Any) -> tuple[list[str], int]:
 
 def load_verify_model(cfg: Any, heads: str | Path, tree: Any):
     """Heads (cheap, first), the tree checked against them, then the base in verify.dtype: (MedusaModel, MedusaTree)."""
-    from medusa_toolkit.base_model import load_base_model
-    from medusa_toolkit.heads import MedusaHeads
-    from medusa_toolkit.medusa_model import MedusaModel
-    from medusa_toolkit.tree import MedusaTree
+    from medusa_toolkit.model.base_model import load_base_model
+    from medusa_toolkit.model.heads import MedusaHeads
+    from medusa_toolkit.model.medusa_model import MedusaModel
+    from medusa_toolkit.model.tree import MedusaTree
 
     loaded = MedusaHeads.from_pretrained(heads)
     tree = MedusaTree.resolve(tree, loaded.num_heads)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from medusa_toolkit import special_tokens
 from medusa_toolkit.errors import ToolkitError
-from medusa_toolkit.medusa_model import MedusaModel
+from medusa_toolkit.model.medusa_model import MedusaModel
 
 
 class CalibrationError(ToolkitError, ValueError):

@@ -10,7 +10,7 @@ Every emitted token is an argmax of the base model given exactly the tokens befo
 greedy decoding token for token; the heads only decide how many tokens one forward yields.
 
 `decode_step` is that step for any acceptance rule (greedy here; lossless and typical sampling in
-medusa_toolkit.sampling) and `decode` the loop around it (EOS, token budgets, finished rows leaving the batch); the
+medusa_toolkit.decoding.sampling) and `decode` the loop around it (EOS, token budgets, finished rows leaving the batch); the
 tree tuner times the same `decode_step`. Every row keeps its own KV length in a `RowCache`, so rows of a batch accept
 different numbers of tokens without re-padding, and a row equals that prompt decoded alone.
 """
@@ -26,10 +26,10 @@ import torch
 from transformers import DynamicCache
 
 from medusa_toolkit import special_tokens
-from medusa_toolkit.cpu_attention import CPU_SDPA_NAME, register_cpu_sdpa
-from medusa_toolkit.medusa_model import MedusaModel
-from medusa_toolkit.row_cache import RowCache
-from medusa_toolkit.tree import MedusaTree, TreeBuffers
+from medusa_toolkit.decoding.cpu_attention import CPU_SDPA_NAME, register_cpu_sdpa
+from medusa_toolkit.decoding.row_cache import RowCache
+from medusa_toolkit.model.medusa_model import MedusaModel
+from medusa_toolkit.model.tree import MedusaTree, TreeBuffers
 
 # User-facing names. "medusa_flash_decoding" is registered with transformers under the kernel package's ATTN_NAME,
 # which avoids the substring "flash" (transformers routes any such name to its FlashAttention code paths).
@@ -124,7 +124,7 @@ class Acceptance:
 
 
 class AcceptanceRule(Protocol):
-    """How a step proposes tree tokens and decides what to accept: greedy below, sampling in medusa_toolkit.sampling."""
+    """How a step proposes tree tokens and decides what to accept: greedy below, sampling in medusa_toolkit.decoding.sampling."""
 
     def first_token(self, logits: torch.Tensor) -> torch.Tensor:
         """Each row's root [B] from the base's logits after the prompt [B, V]."""
@@ -298,7 +298,7 @@ def _truncate(tokens: list[int], eos: set[int], budget: int) -> tuple[list[int],
 
 def _registered(attn: str, device: torch.device, plain: bool = False) -> str:
     """The name transformers knows an implementation by (registering ours on first use). On CPU `sdpa` becomes the
-    same SDPA with grouped-query heads kept inside it under tree masks (medusa_toolkit.cpu_attention), unless `plain`."""
+    same SDPA with grouped-query heads kept inside it under tree masks (medusa_toolkit.decoding.cpu_attention), unless `plain`."""
     if attn == "medusa_flash_decoding":
         from medusa_toolkit.kernels.hf_attention import register_attention
 

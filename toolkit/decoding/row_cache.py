@@ -1,6 +1,6 @@
 """A KV cache with one valid length per row, so rows of a batch can accept different numbers of tree tokens.
 
-Medusa decoding (medusa_toolkit.decoding) keeps every sequence in one `RowCache`, batch of one included:
+Medusa decoding (medusa_toolkit.decoding.generate) keeps every sequence in one `RowCache`, batch of one included:
 
 - Prefill's padded cache is compacted: row b's valid keys move to 0 .. lens[b] - 1 (left or right padding both work).
 - A verification forward of N tree tokens writes row b's keys at lens[b] .. lens[b] + N (`begin_forward`) and returns

@@ -60,7 +60,7 @@ STAGES: dict[str, Stage] = {
         Stage("data", "medusa_toolkit.train.data:run_data", ("model", "data"), ()),
         Stage("train", "medusa_toolkit.train.trainer:run_train", ("model", "heads", "train"), ("data",),
               ("data",), "heads"),
-        Stage("tree", "medusa_toolkit.tree_tuning:run_tree", ("model", "data", "tree"), ("data", "train"),
+        Stage("tree", "medusa_toolkit.tuning.tune:run_tree", ("model", "data", "tree"), ("data", "train"),
               ("train",)),
         Stage("verify", "medusa_toolkit.verify.verifier:run_verify", ("model", "data", "verify", "tree"),
               ("train", "tree"), ("train",)),
@@ -115,7 +115,7 @@ def named_files(cfg: ToolkitConfig, stage: str) -> dict[str, str]:
 
 def input_hash(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> str:
     """Hash of everything a stage's output depends on: config sections, named files' content, upstream artefacts."""
-    from medusa_toolkit.base_model import base_fingerprint, resolve_generation_dtype
+    from medusa_toolkit.model.base_model import base_fingerprint, resolve_generation_dtype
 
     cfg_dict = cfg.to_dict()
     for section, key in NOT_INPUTS:
@@ -258,9 +258,9 @@ def check_inputs(cfg: ToolkitConfig, stages: list[str]) -> None:
 
     Minutes of generation must not be spent before a typo in a DeepSpeed path is found.
     """
-    from medusa_toolkit.base_model import check_model_spec
+    from medusa_toolkit.model.base_model import check_model_spec
+    from medusa_toolkit.model.tree import check_tree_spec
     from medusa_toolkit.prompts import check_prompt_source
-    from medusa_toolkit.tree import check_tree_spec
 
     check_model_spec(cfg.model.name_or_path)
     d, t = cfg.data, cfg.train
@@ -305,7 +305,7 @@ def check_inputs(cfg: ToolkitConfig, stages: list[str]) -> None:
             check_tree_spec(cfg.verify.tree, "verify.tree")
         check_prompt_source(cfg.verify.prompts, None, "verify")
     if "export" in stages and cfg.export.push_to_hub:
-        from medusa_toolkit.base_model import base_hub_id
+        from medusa_toolkit.model.base_model import base_hub_id
 
         if not base_hub_id(cfg.export.base_model_id or cfg.model.name_or_path):
             raise ConfigError(

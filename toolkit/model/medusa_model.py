@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medusa_toolkit.base_model import freeze, load_base_model
-from medusa_toolkit.heads import MedusaHeads
+from medusa_toolkit.model.base_model import freeze, load_base_model
+from medusa_toolkit.model.heads import MedusaHeads
 
 
 def logit_transform(config: Any) -> tuple[float, float | None]:

@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from medusa_toolkit import heads_io
-from medusa_toolkit.heads_io import CONFIG_NAME, WEIGHTS_NAME, HeadsLayout, HeadsLoadError
+from medusa_toolkit.model import heads_io
+from medusa_toolkit.model.heads_io import CONFIG_NAME, WEIGHTS_NAME, HeadsLayout, HeadsLoadError
 from medusa_toolkit.version import __version__
 
 HeadType = Literal["per_head_lm_head", "shared_lm_head"]
@@ -176,7 +176,7 @@ class MedusaHeads(nn.Module):
         return torch.stack([head(hidden_states) for head in self.heads[:num_heads]])
 
     # ------------------------------------------------------------------------------------------------------------------
-    # Hugging Face style save / load / push (the layouts themselves: medusa_toolkit.heads_io)
+    # Hugging Face style save / load / push (the layouts themselves: medusa_toolkit.model.heads_io)
 
     def save_pretrained(self, save_directory: str | Path) -> Path:
         """Write `config.json` and `medusa_lm_head.safetensors` (upstream-compatible keys) into a folder."""

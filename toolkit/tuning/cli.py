@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from medusa_toolkit.cli import (
+from medusa_toolkit.config import ConfigError
+from medusa_toolkit.pipeline.cli import (
     Shortcut,
     add_config_arguments,
     config_from_args,
@@ -20,7 +21,6 @@ from medusa_toolkit.cli import (
     require_base,
     run_command,
 )
-from medusa_toolkit.config import ConfigError
 
 SHORTCUTS = [
     Shortcut("--base", "model.name_or_path", "base model: Hub id, local folder, .gguf, or smollm2-135m-instruct"),
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None) -> int:
-    from medusa_toolkit.tree_tuning import tune_from_config
+    from medusa_toolkit.tuning.tune import tune_from_config
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args, SHORTCUTS)

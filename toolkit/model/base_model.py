@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from medusa_toolkit.cache import cache_dir
 from medusa_toolkit.errors import ToolkitError
 
 BUILTIN_MODELS = {
@@ -31,11 +32,6 @@ _DONE = ".medusa-toolkit-complete"
 
 class ModelLoadError(ToolkitError, RuntimeError):
     """The base model could not be found or loaded; the message says how to fix it."""
-
-
-def cache_dir() -> Path:
-    """Root of the toolkit's cache (`MEDUSA_TOOLKIT_CACHE`, default `~/.cache/medusa-toolkit`)."""
-    return Path(os.environ.get("MEDUSA_TOOLKIT_CACHE", Path.home() / ".cache" / "medusa-toolkit")).expanduser()
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -1,9 +1,9 @@
 """Tree tuning, the `tree` stage and `medusa-tune-tree`: choose the Medusa tree from measured joint acceptance and
 measured step latency, then check the choice by decoding held-out prompts.
 
-1. Calibrate (medusa_toolkit.calibration): the empirical joint acceptance probability of every path of head ranks.
-2. Search (medusa_toolkit.tree_search): the optimal tree for every node budget.
-3. Time (medusa_toolkit.tree_timing): one real decoding step per budget on this device; for the speed objective the
+1. Calibrate (medusa_toolkit.tuning.calibration): the empirical joint acceptance probability of every path of head ranks.
+2. Search (medusa_toolkit.tuning.search): the optimal tree for every node budget.
+3. Time (medusa_toolkit.tuning.timing): one real decoding step per budget on this device; for the speed objective the
    budget with the best predicted tokens/s wins.
 4. Validate: decode held-out prompts with the chosen tree, the `mc_sim_7b_63` and `chain-N` presets and plain greedy,
    and report predicted vs measured accepted length and tokens/s.
@@ -23,14 +23,14 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from medusa_toolkit import data_artefact, special_tokens
-from medusa_toolkit.calibration import Calibration, CalibrationError, calibrate_prompts, calibrate_sequences
 from medusa_toolkit.config import ToolkitConfig, TreeConfig
-from medusa_toolkit.decoding import medusa_generate
+from medusa_toolkit.decoding.generate import medusa_generate
 from medusa_toolkit.errors import ToolkitError
-from medusa_toolkit.medusa_model import MedusaModel
-from medusa_toolkit.tree import MedusaTree
-from medusa_toolkit.tree_search import TuneResult, choose, greedy_order, tree_for_budget
-from medusa_toolkit.tree_timing import LATENCY_GRID, device_name, latency_grid, measure_step_times, sync
+from medusa_toolkit.model.medusa_model import MedusaModel
+from medusa_toolkit.model.tree import MedusaTree
+from medusa_toolkit.tuning.calibration import Calibration, CalibrationError, calibrate_prompts, calibrate_sequences
+from medusa_toolkit.tuning.search import TuneResult, choose, greedy_order, tree_for_budget
+from medusa_toolkit.tuning.timing import LATENCY_GRID, device_name, latency_grid, measure_step_times, sync
 
 TREE_FILE = "tree.json"
 MAX_STORED_NODES = 256  # joint acceptance table entries kept in tree.json (the most likely paths)
@@ -195,7 +195,7 @@ def tune_tree(
     """Choose the tree (tc.objective, tc.max_nodes; timed at tc.batch_size x tc.prefix_length), validate it on
     `validation_prompts` (tc.calibration_max_new_tokens each), write tree.json to `out_file` and the PNG plots beside
     it; return what tree.json holds."""
-    from medusa_toolkit import tree_plots
+    from medusa_toolkit.tuning import plots
 
     out_file = Path(out_file)
     out_dir = out_file.parent
@@ -255,8 +255,8 @@ def tune_tree(
         },
     }
     probs = {p: calib.probability(p) for p in tree.paths}
-    tree_plots.plot_acceptance_heatmap(calib.head_accuracy(), out_dir / "acceptance_heatmap.png")
-    tree_plots.plot_tree(tree.paths, probs, out_dir / "tree.png")
+    plots.plot_acceptance_heatmap(calib.head_accuracy(), out_dir / "acceptance_heatmap.png")
+    plots.plot_tree(tree.paths, probs, out_dir / "tree.png")
     measured_points = None
     if validation_prompts:
         trees, notes = comparison_trees(tree, model.num_heads)
@@ -293,7 +293,7 @@ def tune_tree(
         log(format_validation(record["validation"]))
     else:
         record["validation"] = None
-    tree_plots.plot_budget_curves(
+    plots.plot_budget_curves(
         result.budgets, result.accept_length, result.tokens_per_second, result.chosen_nodes, out_dir / "budget_curves.png",
         measured_points,
     )  # fmt: skip
@@ -464,8 +464,8 @@ def tune_from_config(
     cfg: ToolkitConfig, heads: str | Path, out_file: Path, data_dir: Path | None = None, allow_train: bool = False
 ) -> None:
     """What the stage and medusa-tune-tree do: load heads then the base, calibrate, tune, validate, write."""
-    from medusa_toolkit.base_model import load_base_model
-    from medusa_toolkit.heads import MedusaHeads
+    from medusa_toolkit.model.base_model import load_base_model
+    from medusa_toolkit.model.heads import MedusaHeads
 
     tc = cfg.tree
     loaded = MedusaHeads.from_pretrained(heads)  # cheap: a bad folder fails before the base loads

@@ -1,6 +1,6 @@
 """Tree timing: how long one Medusa step takes on this device for each node budget.
 
-The timed step is `medusa_toolkit.decoding.decode_step` itself (propose, the tree forward with its mask, acceptance,
+The timed step is `medusa_toolkit.decoding.generate.decode_step` itself (propose, the tree forward with its mask, acceptance,
 cache compaction, the heads at the accepted node) at a representative KV length and batch size; after each repeat the
 cache is cut back to the prefix, so every repeat sees the same length.
 """
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medusa_toolkit.decoding import DecodeState, Greedy, decode_step, prefill, use_attention
-from medusa_toolkit.medusa_model import MedusaModel
-from medusa_toolkit.tree import MedusaTree
+from medusa_toolkit.decoding.generate import DecodeState, Greedy, decode_step, prefill, use_attention
+from medusa_toolkit.model.medusa_model import MedusaModel
+from medusa_toolkit.model.tree import MedusaTree
 
 LATENCY_GRID = (1, 2, 4, 8, 16, 32, 48, 64)
 

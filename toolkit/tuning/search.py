@@ -3,7 +3,7 @@
 For every node budget n (tree tokens per step, root included) the best prefix-closed tree is the n - 1 most likely
 paths (see `greedy_order` for the proof); its expected accepted length is 1 + the sum of their probabilities.
 `choose` then picks the budget: the largest one for the `acceptance` objective, or the one with the best predicted
-tokens/s given measured step latencies (medusa_toolkit.tree_timing) for the `speed` objective.
+tokens/s given measured step latencies (medusa_toolkit.tuning.timing) for the `speed` objective.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medusa_toolkit.calibration import Calibration
-from medusa_toolkit.tree import MedusaTree
+from medusa_toolkit.model.tree import MedusaTree
+from medusa_toolkit.tuning.calibration import Calibration
 
 
 def greedy_order(calib: Calibration) -> list[tuple[int, ...]]:

@@ -44,7 +44,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from medusa_toolkit import special_tokens
-from medusa_toolkit.decoding import (
+from medusa_toolkit.decoding.generate import (
     Acceptance,
     DecodeState,
     MedusaGenerateOutput,
@@ -53,8 +53,8 @@ from medusa_toolkit.decoding import (
     propose,
     use_attention,
 )
-from medusa_toolkit.medusa_model import MedusaModel
-from medusa_toolkit.tree import MedusaTree, TreeBuffers
+from medusa_toolkit.model.medusa_model import MedusaModel
+from medusa_toolkit.model.tree import MedusaTree, TreeBuffers
 
 ACCEPTANCE = ("lossless", "typical")
 RESIDUAL_EPS = 1e-12
@@ -164,7 +164,7 @@ def accept_typical(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The rules, plugged into medusa_toolkit.decoding's one step
+# The rules, plugged into medusa_toolkit.decoding.generate's one step
 
 
 class LosslessSampling:

@@ -28,7 +28,7 @@ import torch
 from medusa_toolkit.errors import ToolkitError
 
 if TYPE_CHECKING:
-    from medusa_toolkit.heads import MedusaHeads
+    from medusa_toolkit.model.heads import MedusaHeads
 
 WEIGHTS_NAME = "medusa_lm_head.safetensors"
 LEGACY_WEIGHTS_NAME = "medusa_lm_head.pt"
