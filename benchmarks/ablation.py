@@ -86,7 +86,7 @@ def data_seconds(summary: dict, counts: dict[str, int], s_per_self_prompt: float
 def eval_answers(model, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, the base's greedy answer ids) per prompt."""
     from medusa_toolkit import special_tokens
-    from medusa_toolkit.tuning.tune import base_greedy
+    from medusa_toolkit.tuning.evaluate import base_greedy
 
     eos = set(special_tokens.eos_ids(model))
     return [(ids, base_greedy(model, ids, max_new_tokens, eos)[0]) for ids in prompts]
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     from medusa_toolkit.model.tree import MedusaTree
     from medusa_toolkit.prompts import eval_prompts, interleave_domains, render_prompt
     from medusa_toolkit.train.trainer import train
+    from medusa_toolkit.tuning.evaluate import validate
     from medusa_toolkit.tuning.timing import device_name
-    from medusa_toolkit.tuning.tune import validate
 
     data_dir = Path(args.data)
     summary = json.loads((data_dir / "data_summary.json").read_text())

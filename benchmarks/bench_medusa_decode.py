@@ -48,15 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     from medusa_toolkit import MedusaHeads, MedusaModel, MedusaTree, load_base_model
     from medusa_toolkit.prompts import eval_prompts, interleave_domains, load_prompts
     from medusa_toolkit.tuning.calibration import calibrate_prompts
+    from medusa_toolkit.tuning.evaluate import base_greedy, comparison_trees, format_results, validate
+    from medusa_toolkit.tuning.inputs import prompt_token_ids
     from medusa_toolkit.tuning.timing import device_name
-    from medusa_toolkit.tuning.tune import (
-        base_greedy,
-        choose_tree,
-        comparison_trees,
-        format_results,
-        prompt_token_ids,
-        validate,
-    )
+    from medusa_toolkit.tuning.tune import choose_tree
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -77,24 +77,24 @@ def test_whole_pipeline_then_cached_rerun(tmp_path, hub_env, capsys):
 
 
 def test_run_killed_mid_pipeline_resumes(tmp_path, monkeypatch, capsys):
-    from medusa_toolkit.tuning import tune
+    from medusa_toolkit.tuning import stage
 
     model_dir = tiny_model_dir(tmp_path / "model")
     config = write_config(tmp_path, model_dir, push=None)
-    real = tune.run_tree
+    real = stage.run_tree
 
     def killed(cfg, run_dir, out_dir):
         (out_dir / "half-written.json").write_text("{")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tune, "run_tree", killed)
+    monkeypatch.setattr(stage, "run_tree", killed)
     assert train_main([config, "--stages", "data,train,tree"]) == 130  # Ctrl-C: one line saying how to go on
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
     run = tmp_path / "run"
     assert (run / "heads" / "manifest.json").is_file() and not (run / "tree").exists()
 
-    monkeypatch.setattr(tune, "run_tree", real)
+    monkeypatch.setattr(stage, "run_tree", real)
     assert train_main([config, "--stages", "data,train,tree"]) == 0
     out = capsys.readouterr().out
     assert "[data] cached" in out and "[train] cached" in out and "[tree] done" in out

@@ -14,9 +14,13 @@ from tiny import fitted, save_model_dir
 from medusa_toolkit import MedusaHeads, MedusaTree, data_artefact
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.model.heads import HeadsLoadError
+from medusa_toolkit.tuning import TuneError
 from medusa_toolkit.tuning.calibration import Calibration, CalibrationError, calibrate_sequences, count_paths
+from medusa_toolkit.tuning.evaluate import comparison_trees, validate
+from medusa_toolkit.tuning.inputs import resolve_depth
 from medusa_toolkit.tuning.search import accept_length_curve, greedy_order, tree_for_budget
-from medusa_toolkit.tuning.tune import TuneError, choose_tree, comparison_trees, resolve_depth, run_tree, validate
+from medusa_toolkit.tuning.stage import run_tree
+from medusa_toolkit.tuning.tune import choose_tree
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Synthetic tables
@@ -228,7 +232,7 @@ def test_tune_tree_data_flag_reads_data_made_elsewhere(tiny, tmp_path):
     one is an error that says so, not a silent switch to prompts."""
     import datasets
 
-    from medusa_toolkit.tuning.tune import calibration_rows
+    from medusa_toolkit.tuning.inputs import calibration_rows
 
     model, corpus = tiny
     rows = [row.tolist() for row in corpus]
@@ -300,14 +304,14 @@ def test_tree_stage_without_heldout_rows_falls_back_to_prompts_and_says_so(stage
 def test_calibration_on_eval_prompts_never_overlaps_the_validation_prompts(tiny, tmp_path, monkeypatch):
     """calibrate_on: prompts ignores the data rows; with eval prompts for both, calibration takes the eval prompts
     after the validation ones, so the tree is checked on prompts it was not fitted to."""
-    from medusa_toolkit.tuning import tune
+    from medusa_toolkit.tuning import inputs, tune
 
     model, corpus = tiny
     cfg, run_dir, out = _fake_run(tmp_path, model, corpus)
     cfg = config_from_dict({**cfg.to_dict(), "tree": {**cfg.to_dict()["tree"], "calibrate_on": "prompts",
                                                       "prompts": "eval", "validation_prompts": "eval"}})  # fmt: skip
     seen = {}
-    real_calibrate, real_validate = tune.calibrate_prompts, tune.validate
+    real_calibrate, real_validate = inputs.calibrate_prompts, tune.validate
 
     def calibrate(model, prompts, *args, **kwargs):
         seen["calibration"] = prompts
@@ -317,9 +321,9 @@ def test_calibration_on_eval_prompts_never_overlaps_the_validation_prompts(tiny,
         seen["validation"] = prompts
         return real_validate(model, trees, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(tune, "calibrate_prompts", calibrate)
+    monkeypatch.setattr(inputs, "calibrate_prompts", calibrate)
     monkeypatch.setattr(tune, "validate", validate)
-    monkeypatch.setattr(tune, "calibrate_sequences", lambda *a, **k: pytest.fail("calibrated on data rows"))
+    monkeypatch.setattr(inputs, "calibrate_sequences", lambda *a, **k: pytest.fail("calibrated on data rows"))
     run_tree(cfg, run_dir, out)
     record = json.loads((out / "tree.json").read_text())
     assert record["calibration"]["source"].startswith("eval prompts")

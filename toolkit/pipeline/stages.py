@@ -60,7 +60,7 @@ STAGES: dict[str, Stage] = {
         Stage("data", "medusa_toolkit.train.data:run_data", ("model", "data"), ()),
         Stage("train", "medusa_toolkit.train.trainer:run_train", ("model", "heads", "train"), ("data",),
               ("data",), "heads"),
-        Stage("tree", "medusa_toolkit.tuning.tune:run_tree", ("model", "data", "tree"), ("data", "train"),
+        Stage("tree", "medusa_toolkit.tuning.stage:run_tree", ("model", "data", "tree"), ("data", "train"),
               ("train",)),
         Stage("verify", "medusa_toolkit.verify.verifier:run_verify", ("model", "data", "verify", "tree"),
               ("train", "tree"), ("train",)),

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None) -> int:
-    from medusa_toolkit.tuning.tune import tune_from_config
+    from medusa_toolkit.tuning.stage import tune_from_config
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args, SHORTCUTS)

@@ -1,0 +1,157 @@
+"""Checking a tree by decoding: the same held-out prompts through base greedy and each tree, measured accepted length,
+tokens/s and exactness, and the tables that print it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from medusa_toolkit import special_tokens
+from medusa_toolkit.decoding.generate import medusa_generate
+from medusa_toolkit.model.medusa_model import MedusaModel
+from medusa_toolkit.model.tree import MedusaTree
+from medusa_toolkit.tuning import TuneError
+from medusa_toolkit.tuning.timing import sync
+
+
+@torch.inference_mode()
+def base_greedy(
+    model: MedusaModel, input_ids: list[int], max_new_tokens: int, eos: set[int]
+) -> tuple[list[int], float, float]:
+    """Plain greedy decoding with the base alone: (new tokens, wall s, prefill s). The baseline Medusa must beat."""
+    device = model.device
+    x = torch.as_tensor(input_ids, device=device)[None]
+    cache = DynamicCache(config=model.base.config)
+    sync(device)
+    start = time.perf_counter()
+    out = model.base(
+        x, position_ids=torch.arange(x.shape[1], device=device)[None], cache=cache, use_cache=True, logits_to_keep=1
+    )
+    tok = out.logits[0, -1].argmax()
+    sync(device)
+    prefill_time = time.perf_counter() - start
+    new = [int(tok)]
+    pos = x.shape[1]
+    while len(new) < max_new_tokens and new[-1] not in eos:
+        out = model.base(tok.view(1, 1), position_ids=torch.tensor([[pos]], device=device), cache=cache, use_cache=True)
+        tok = out.logits[0, -1].argmax()
+        new.append(int(tok))
+        pos += 1
+    sync(device)
+    return new, time.perf_counter() - start, prefill_time
+
+
+def validate(
+    model: MedusaModel,
+    trees: dict[str, MedusaTree],
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    attn: str | None = None,
+    progress: bool = True,
+    domains: list[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Decode the same prompts with base greedy and each tree; measured accepted length, tokens/s, exactness.
+
+    tokens_per_second is end to end (prefill included); decode_tokens_per_second leaves the prefill (and the token
+    it yields) out, which is what the latency-based prediction describes. With `domains` (one per prompt) the result
+    also holds `by_domain`: {domain: {decoder: the same summary}} (callers pop it).
+    """
+    if not prompts:
+        raise TuneError("no validation prompts")
+    eos = set(special_tokens.eos_ids(model))
+    domains = domains or ["all"] * len(prompts)
+    runs: dict[str, list[dict]] = {"base_greedy": []}  # decoder -> one record per prompt
+    greedy: list[list[int]] = []
+    for ids in tqdm(prompts, desc="validate base", unit="prompt", disable=not progress):
+        new, wall, pre = base_greedy(model, ids, max_new_tokens, eos)
+        greedy.append(new)
+        runs["base_greedy"].append({"new": len(new), "wall": wall, "prefill": pre, "steps": len(new) - 1,
+                                    "accepted": len(new) - 1, "exact": True})  # fmt: skip
+    for name, tree in trees.items():
+        runs[name] = []
+        for ids, ref in tqdm(list(zip(prompts, greedy)), desc=f"validate {name}", unit="prompt", disable=not progress):
+            out = medusa_generate(model, torch.as_tensor(ids)[None], max_new_tokens, tree=tree, eos_token_id=list(eos) or None,
+                                  attn_implementation=attn)  # fmt: skip
+            runs[name].append({"new": out.new_tokens, "wall": out.wall_time, "prefill": out.prefill_time,
+                               "steps": out.steps, "accepted": sum(out.accept_lengths),
+                               "exact": out.sequences[0, len(ids) :].tolist() == ref})  # fmt: skip
+    nodes = {"base_greedy": 1, **{name: tree.num_nodes for name, tree in trees.items()}}
+
+    def summarise(keep: list[bool]) -> dict[str, dict[str, Any]]:
+        results = {name: _summary([r for r, k in zip(rs, keep) if k], nodes[name]) for name, rs in runs.items()}
+        base_tps = results["base_greedy"]["tokens_per_second"]
+        for r in results.values():
+            r["speedup_vs_base"] = r["tokens_per_second"] / base_tps if base_tps else None
+        return results
+
+    results = summarise([True] * len(prompts))
+    if len(set(domains)) > 1:
+        results["by_domain"] = {d: summarise([x == d for x in domains]) for d in sorted(set(domains))}
+    return results
+
+
+def _summary(records: list[dict], nodes: int) -> dict[str, Any]:
+    new, wall, prefill = (sum(r[k] for r in records) for k in ("new", "wall", "prefill"))
+    steps, accepted = sum(r["steps"] for r in records), sum(r["accepted"] for r in records)
+    accept = accepted / steps if steps else 1.0
+    decode_time = wall - prefill
+    return {
+        "nodes": nodes,
+        "mean_accept_length": accept,
+        "new_tokens": new,
+        "steps": steps,
+        "tokens_per_second": new / wall if wall > 0 else None,
+        "decode_tokens_per_second": accepted / decode_time if decode_time > 0 and steps else None,
+        "identical_to_greedy": all(r["exact"] for r in records),
+    }
+
+
+def comparison_trees(tuned: MedusaTree, num_heads: int) -> tuple[dict[str, MedusaTree], list[str]]:
+    """The tuned tree plus the presets it is compared against on the same heads; notes for presets skipped."""
+    trees = {"tuned": tuned}
+    notes = []
+    preset = MedusaTree.preset("mc_sim_7b_63")
+    if num_heads >= preset.depth:
+        trees["mc_sim_7b_63"] = preset
+    else:
+        notes.append(f"mc_sim_7b_63 skipped: it needs {preset.depth} heads, these heads number {num_heads}")
+    trees[f"chain-{num_heads}"] = MedusaTree.chain(num_heads)
+    return trees, notes
+
+
+def format_validation(v: dict[str, Any]) -> str:
+    """A small table: predicted vs measured, and every compared tree."""
+    lines = [
+        f"validation on {v['num_prompts']} held-out prompt(s), {v['max_new_tokens']} new tokens each:",
+        f"  accepted length: predicted {v['predicted_accept_length']:.2f}, measured {v['measured_accept_length']:.2f}",
+    ]
+    if v["predicted_decode_tokens_per_second"] and v["measured_decode_tokens_per_second"]:
+        lines.append(
+            f"  decode tokens/s: predicted {v['predicted_decode_tokens_per_second']:.1f}, "
+            f"measured {v['measured_decode_tokens_per_second']:.1f}"
+        )
+    lines.append(format_results(v["results"], v["notes"]))
+    for domain, results in (v.get("by_domain") or {}).items():
+        tuned, base = results["tuned"], results["base_greedy"]
+        lines.append(
+            f"  {domain:<14} tuned accept {tuned['mean_accept_length']:.2f}, {tuned['tokens_per_second'] or 0:.1f} vs "
+            f"base {base['tokens_per_second'] or 0:.1f} tok/s = {tuned['speedup_vs_base'] or 0:.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def format_results(results: dict[str, dict[str, Any]], notes: list[str] = ()) -> str:
+    """One row per decoder: nodes, mean accepted length, end-to-end tokens/s, speedup over base greedy, exactness."""
+    lines = [f"  {'decoder':<14}{'nodes':>6}{'accept':>8}{'tok/s':>9}{'x base':>8}  exact"]
+    for name, r in results.items():
+        tps = r["tokens_per_second"] or float("nan")
+        lines.append(
+            f"  {name:<14}{r['nodes']:>6}{r['mean_accept_length']:>8.2f}{tps:>9.1f}{r['speedup_vs_base'] or float('nan'):>8.2f}"
+            f"  {r['identical_to_greedy']}"
+        )
+    lines += [f"  note: {n}" for n in notes]
+    return "\n".join(lines)
