@@ -73,6 +73,8 @@ def load(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from medusa_toolkit.config import ATTN_IMPLEMENTATIONS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", default="smollm2-135m-instruct")
     p.add_argument("--heads", default=None)
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "medusa_flash_decoding"))
+    p.add_argument("--attn", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

@@ -26,6 +26,8 @@ DEMO_RUN = Path("runs/smollm2-135m")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from medusa_toolkit.config import ATTN_IMPLEMENTATIONS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", default="smollm2-135m-instruct")
     p.add_argument("--heads", default=None, help=f"heads folder (default {DEMO_RUN}/heads)")
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-prompts", type=int, default=24)
     p.add_argument("--max-nodes", type=int, default=64)
     p.add_argument("--prefix-length", type=int, default=256)
-    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "medusa_flash_decoding"))
+    p.add_argument("--attn", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)

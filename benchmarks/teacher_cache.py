@@ -23,6 +23,7 @@ import torch
 
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.model.base_model import load_base_model
+from medusa_toolkit.pipeline.stages import StageRun
 from medusa_toolkit.train import trainer
 
 
@@ -62,14 +63,14 @@ def train_run(root: Path, name: str, data: Path, args, cache, interrupt_at: int 
 
         trainer.save_checkpoint = save_then_interrupt
         try:
-            trainer.train(config_from_dict(raw), run, out)
+            trainer.train(StageRun.prepare(config_from_dict(raw), run, "train", out))
             raise AssertionError("the run was meant to be interrupted")
         except KeyboardInterrupt:
             pass
         finally:
             trainer.save_checkpoint = real
         raw["train"]["resume"] = True
-    trainer.train(config_from_dict(raw), run, out)
+    trainer.train(StageRun.prepare(config_from_dict(raw), run, "train", out))
     return json.loads((out / trainer.SUMMARY).read_text())
 
 

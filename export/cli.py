@@ -23,6 +23,7 @@ from medusa_toolkit.pipeline.cli import (
     output_dir,
     run_command,
 )
+from medusa_toolkit.run_dir import RunDir
 
 SHORTCUTS = [
     Shortcut("--format", "export.formats", "package layout(s): medusa, vllm or all", choices=("medusa", "vllm", "all"),
@@ -67,13 +68,14 @@ def run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args, SHORTCUTS)
     heads, run = heads_argument(args, cfg, "exported"), output_dir(args, cfg)
-    out = args.out or (run / "export" if run else None)
+    out = args.out or (run.export if run else None)
     if out is None:
         raise ConfigError("--out is required (or pass the CONFIG of a run: packages go to its OUTPUT_DIR/export)")
     heads_path = Path(heads)
-    run_dir = Path(args.run_dir) if args.run_dir else run
-    if run_dir is None and heads_path.is_dir() and any((heads_path.parent / d).is_dir() for d in ("tree", "verify")):
-        run_dir = heads_path.parent
+    run_dir = RunDir(args.run_dir) if args.run_dir else run
+    beside = RunDir(heads_path.parent)  # heads inside a run folder: that run's tree and report
+    if run_dir is None and heads_path.is_dir() and (beside.tree.is_dir() or beside.verify.is_dir()):
+        run_dir = beside
     base = args.base_model or (cfg.model.name_or_path if args.config else None)
     req = ExportRequest(
         heads, run_dir, base_model=base, base_model_id=cfg.export.base_model_id, tree=args.tree,

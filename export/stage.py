@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from medusa_toolkit import distributed as D
 from medusa_toolkit.config import ToolkitConfig
 from medusa_toolkit.export.model_card import report_mismatch, verification_verdict
 from medusa_toolkit.export.package import ExportError, ExportInputs, export_packages, repo_ids_for, resolve_formats
@@ -18,6 +19,8 @@ from medusa_toolkit.hub import PushResult, push_folder
 from medusa_toolkit.model.base_model import base_hub_id
 from medusa_toolkit.model.heads import HeadsLoadError, MedusaHeads
 from medusa_toolkit.model.tree import MedusaTree, TreeError, tree_digest
+from medusa_toolkit.pipeline.stages import StageRun
+from medusa_toolkit.run_dir import RunDir
 
 
 def read_json(path: str | Path | None) -> dict | list | None:
@@ -105,7 +108,7 @@ class ExportRequest:
     """Where everything comes from. Paths default to the run dir's artefacts."""
 
     heads: str | Path | MedusaHeads
-    run_dir: Path | None = None
+    run_dir: RunDir | None = None
     base_model: str | None = None  # name_or_path to load the base from (lm_head, tokenizer)
     base_model_id: str | None = None  # the Hub id written into the packages
     tree: str | Path | None = None
@@ -123,13 +126,13 @@ def gather_inputs(req: ExportRequest, *, push: bool = False, allow_unverified: b
     heads_dir = Path(heads) if not isinstance(heads, MedusaHeads) and Path(heads).is_dir() else None
     if not isinstance(heads, MedusaHeads):
         heads = MedusaHeads.from_pretrained(heads)
-    run = req.run_dir
+    run = RunDir(req.run_dir) if req.run_dir else None
     if req.tree and not Path(req.tree).is_file():
         raise ExportError(f"tree file not found: {req.tree}")
     if req.verification and not Path(req.verification).is_file():
         raise ExportError(f"verification report not found: {req.verification}")
-    tree_path = Path(req.tree) if req.tree else (run / "tree" / "tree.json" if run else None)
-    report_path = Path(req.verification) if req.verification else (run / "verify" / "report.json" if run else None)
+    tree_path = Path(req.tree) if req.tree else (run.tree_file if run else None)
+    report_path = Path(req.verification) if req.verification else (run.report if run else None)
     tree_data, tree_sha = _tree_record(tree_path)
     base = req.base_model or heads.config.base_model_name_or_path
     hub_id = base_hub_id(req.base_model_id) or base_hub_id(base)
@@ -153,10 +156,10 @@ def gather_inputs(req: ExportRequest, *, push: bool = False, allow_unverified: b
             stacklevel=2,
         )
     plots = []
-    for folder in [heads_dir, run / "tree" if run else None, run / "verify" if run else None]:
+    for folder in [heads_dir, run.tree if run else None, run.verify if run else None]:
         if folder is not None and folder.is_dir():
             plots += sorted(folder.glob("*.png"))
-    config_path = run / "config.resolved.yaml" if run else None
+    config_path = run.config if run else None
     inputs.lm_head_weight, tokenizer = load_base_parts(
         base, heads.head_type == "shared_lm_head", req.include_tokenizer, log
     )
@@ -213,15 +216,13 @@ def export(cfg: ToolkitConfig, req: ExportRequest, out_dir: Path, log: Callable 
     return folders
 
 
-def run_export(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
-    """The `export` stage: run_dir/heads (+ tree, verify report) -> out_dir/medusa, out_dir/vllm; push if configured."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+def run_export(run: StageRun) -> None:
+    """The `export` stage: the run's heads (+ tree, verify report) -> OUT/medusa, OUT/vllm; push if configured."""
+    if not D.is_main():
         return  # one writer; the runner's barrier keeps the other ranks in step
-    run_dir = Path(run_dir)
+    cfg = run.cfg
     req = ExportRequest(
-        run_dir / "heads", run_dir, base_model=cfg.model.name_or_path, base_model_id=cfg.export.base_model_id,
+        run.dirs.heads, run.dirs, base_model=cfg.model.name_or_path, base_model_id=cfg.export.base_model_id,
         include_tokenizer=cfg.export.include_tokenizer,
     )  # fmt: skip
-    export(cfg, req, Path(out_dir))
+    export(cfg, req, run.out)

@@ -13,7 +13,7 @@ from train_helpers import base_config
 
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.model.base_model import load_base_model
-from medusa_toolkit.pipeline.stages import run_pipeline
+from medusa_toolkit.pipeline.stages import StageRun, run_pipeline
 from medusa_toolkit.prompts import BUILTIN_PROMPTS, render_prompt
 from medusa_toolkit.train import data as data_mod
 
@@ -102,27 +102,31 @@ def test_cached_then_resumed_after_interruption(tmp_path, model_dir, monkeypatch
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, run, ["data"])
-    assert len(list(data_mod.partial_dir(cfg, run).glob("shard-*"))) == 1
+    assert len(list(data_mod.partial_dir(StageRun.prepare(cfg, run, "data")).glob("shard-*"))) == 1
     calls["n"] = -100  # no more interruptions; count the batches the rerun generates
     run_pipeline(cfg, run, ["data"])
     assert calls["n"] == -100 + 2  # 3 shards of 3 prompts, one already done: 2 generate calls
     a, b = datasets.load_from_disk(str(run / "data")), datasets.load_from_disk(str(reference / "data"))
     assert a.to_dict() == b.to_dict()
     assert all(all(m) for m in a["loss_mask"])  # train_on_prompt: prompt tokens are trained on too
-    assert not data_mod.partial_dir(cfg, run).exists()
+    assert not data_mod.partial_dir(StageRun.prepare(cfg, run, "data")).exists()
 
 
 def test_bad_inputs(tmp_path, model_dir):
     with pytest.raises(data_mod.DataError, match="not found"):
-        data_mod.run_data(_cfg(model_dir, source="file", path=str(tmp_path / "nope.jsonl")), tmp_path, tmp_path)
+        data_mod.run_data(
+            StageRun.prepare(
+                _cfg(model_dir, source="file", path=str(tmp_path / "nope.jsonl")), tmp_path, "data", tmp_path
+            )
+        )
     f = tmp_path / "p.jsonl"
     f.write_text('{"text": "hi"}\n')
     with pytest.raises(data_mod.DataError, match="no field 'prompt'.*fields: text"):
-        data_mod.run_data(_cfg(model_dir, source="file", path=str(f)), tmp_path, tmp_path)
+        data_mod.run_data(StageRun.prepare(_cfg(model_dir, source="file", path=str(f)), tmp_path, "data", tmp_path))
     with pytest.raises(data_mod.DataError, match="all 8 prompts were skipped"):
-        data_mod.run_data(_cfg(model_dir, max_prompt_tokens=5), tmp_path, tmp_path)
+        data_mod.run_data(StageRun.prepare(_cfg(model_dir, max_prompt_tokens=5), tmp_path, "data", tmp_path))
     with pytest.raises(data_mod.DataError, match="leaves no room"):
-        data_mod.run_data(_cfg(model_dir, max_new_tokens=2000), tmp_path, tmp_path)
+        data_mod.run_data(StageRun.prepare(_cfg(model_dir, max_new_tokens=2000), tmp_path, "data", tmp_path))
 
 
 def test_unconditional_samples_from_bos(tmp_path, model_dir):

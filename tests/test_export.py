@@ -19,6 +19,7 @@ from medusa_toolkit.export.cli import main as export_main
 from medusa_toolkit.export.package import ExportInputs, export_packages
 from medusa_toolkit.export.stage import ExportError, ExportRequest, gather_inputs, run_export
 from medusa_toolkit.model.heads import HeadsLoadError
+from medusa_toolkit.pipeline.stages import StageRun
 
 H, V = 64, 256
 
@@ -232,7 +233,7 @@ def test_stage_packages_run_artefacts(tmp_path):
     heads = _fake_run(run_dir)
     cfg = config_from_dict({"model": {"name_or_path": "org/base"}, "export": {"include_tokenizer": False}})
     out = tmp_path / ".export.tmp"
-    run_export(cfg, run_dir, out)
+    run_export(StageRun.prepare(cfg, run_dir, "export", out))
     medusa = out / "medusa"
     names = {str(p.relative_to(medusa)) for p in medusa.rglob("*") if p.is_file()}
     assert {"README.md", "config.json", "medusa_lm_head.safetensors", "tree.json", "verification.json",

@@ -83,8 +83,8 @@ def test_run_killed_mid_pipeline_resumes(tmp_path, monkeypatch, capsys):
     config = write_config(tmp_path, model_dir, push=None)
     real = stage.run_tree
 
-    def killed(cfg, run_dir, out_dir):
-        (out_dir / "half-written.json").write_text("{")
+    def killed(run):
+        (run.out / "half-written.json").write_text("{")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(stage, "run_tree", killed)

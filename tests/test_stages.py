@@ -12,9 +12,9 @@ from medusa_toolkit.pipeline import stages
 def fake_stages(monkeypatch):
     calls = []
 
-    def data(cfg, run_dir, out_dir):
+    def data(run):
         calls.append("data")
-        (out_dir / "rows.txt").write_text(str(cfg.data.num_prompts))
+        (run.out / "rows.txt").write_text(str(run.cfg.data.num_prompts))
 
     registry = {
         "data": stages.Stage("data", "x:y", ("model", "data"), ()),
@@ -22,7 +22,7 @@ def fake_stages(monkeypatch):
     }
     monkeypatch.setattr(stages, "STAGES", registry)
     monkeypatch.setattr(
-        stages.Stage, "function", lambda self: {"data": data, "train": lambda c, r, o: calls.append("train")}[self.name]
+        stages.Stage, "function", lambda self: {"data": data, "train": lambda run: calls.append("train")}[self.name]
     )
     return calls
 

@@ -15,6 +15,7 @@ from train_helpers import base_config, write_permutation_data
 
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.model.heads import MedusaHeads
+from medusa_toolkit.pipeline.stages import StageRun
 from medusa_toolkit.train import losses, trainer
 from medusa_toolkit.train.cli import main as cli_main
 
@@ -40,7 +41,7 @@ def _run(tmp_path: Path, tiny, name: str, **train) -> tuple[MedusaHeads, Path]:
     cfg = config_from_dict(base_config(model, **train))
     out = run / "heads"
     out.mkdir(exist_ok=True)
-    return trainer.train(cfg, run, out), out
+    return trainer.train(StageRun.prepare(cfg, run, "train", out)), out
 
 
 def _interrupt_after_checkpoint(monkeypatch, step: int) -> None:
@@ -250,7 +251,7 @@ def test_no_weight_decay_on_biases(tmp_path, tiny):
     run = tmp_path / "wd"
     run.mkdir()
     os.symlink(data_run / "data", run / "data")
-    s = trainer.setup(config_from_dict(base_config(model, weight_decay=0.1)), run)
+    s = trainer.setup(StageRun.prepare(config_from_dict(base_config(model, weight_decay=0.1)), run, "train"))
     groups = s.engine.optimizer.param_groups
     for g in groups:
         for p in g["params"]:
@@ -275,12 +276,11 @@ def test_disk_teacher_cache_survives_resume_and_is_rebuilt_only_for_new_data_or_
     report = json.loads((out / "training_summary.json").read_text())["teacher_cache"]
     assert report["mode"] == "disk" and report["batches_through_base"] == 0 and report["batches_from_cache"] == 6
     assert report["sequences_cached"] == 48 and report["bytes"] >= 48 * 44 * 64 * 4  # fp32 rows, hidden size 64
-    # Data without a data-stage manifest (no content hash): every train-stage input keys the cache, so another
-    # learning rate rebuilds it.
+    # Data without a data-stage manifest (made outside the stages): keyed on the data folder's content and the base,
+    # so another learning rate reuses the cache.
     _, out = _run(tmp_path, tiny, "disk", teacher_cache="disk", max_steps=6, learning_rate=1e-2, eval_every=100)
     report = json.loads((out / "training_summary.json").read_text())["teacher_cache"]
-    # Epoch 1 (5 steps) and the final held-out batch through the base; step 6 (epoch 2) from the new cache.
-    assert report["batches_through_base"] == 6 and report["batches_from_cache"] == 1
+    assert report["batches_through_base"] == 0 and report["batches_from_cache"] == 7
     summary = json.loads((out / "training_summary.json").read_text())
     assert len(summary["epoch_train_time_s"]) == 2
 

@@ -60,7 +60,7 @@ def test_changed_prompts_file_reruns_the_data_stage(tmp_path, monkeypatch):
     registry = {"data": stages.Stage("data", "x:y", ("model", "data"), ())}
     monkeypatch.setattr(stages, "STAGES", registry)
     monkeypatch.setattr(
-        stages.Stage, "function", lambda self: lambda c, r, o: calls.append(Path(c.data.sources[0].path).read_text())
+        stages.Stage, "function", lambda self: lambda run: calls.append(Path(run.cfg.data.sources[0].path).read_text())
     )
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first prompt\n")
@@ -76,8 +76,8 @@ def test_changed_prompts_file_reruns_the_data_stage(tmp_path, monkeypatch):
 def test_changed_tree_file_reruns_the_tree_stage_and_what_follows(tmp_path, model_dir, monkeypatch):
     run = tmp_path / "run"
 
-    def fake_train(cfg, run_dir, out_dir):
-        heads_for(model_dir, out_dir, seed=0)
+    def fake_train(run):
+        heads_for(model_dir, run.out, seed=0)
 
     real_function = stages.Stage.function
     monkeypatch.setattr(
@@ -86,9 +86,7 @@ def test_changed_tree_file_reruns_the_tree_stage_and_what_follows(tmp_path, mode
     tree_file = tmp_path / "my_tree.json"
     tree_file.write_text("[[0]]")
     cfg = config_from_dict({"model": {"name_or_path": str(model_dir)}, "tree": {"tree": str(tree_file)}})
-    monkeypatch.setitem(
-        stages.STAGES, "train", stages.Stage("train", "x:y", ("model", "heads", "train"), (), (), "heads")
-    )
+    monkeypatch.setitem(stages.STAGES, "train", stages.Stage("train", "x:y", ("model", "heads", "train"), (), ()))
     stages.run_pipeline(cfg, run, ["train", "tree"])
     assert json.loads((run / "tree" / "tree.json").read_text())["paths"] == [[0]]
     tree_file.write_text("[[0], [1], [0, 0]]")
@@ -101,9 +99,9 @@ def test_changed_tree_file_reruns_the_tree_stage_and_what_follows(tmp_path, mode
 def test_an_artefact_edited_on_disk_is_not_cached_and_user_files_are_kept(tmp_path, monkeypatch):
     calls = []
 
-    def data(cfg, run_dir, out_dir):
+    def data(run):
         calls.append(1)
-        (out_dir / "rows.txt").write_text("rows")
+        (run.out / "rows.txt").write_text("rows")
 
     monkeypatch.setattr(stages, "STAGES", {"data": stages.Stage("data", "x:y", ("model", "data"), ())})
     monkeypatch.setattr(stages.Stage, "function", lambda self: data)

@@ -14,6 +14,7 @@ from tiny import fitted, save_model_dir
 from medusa_toolkit import MedusaHeads, MedusaTree, data_artefact
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.model.heads import HeadsLoadError
+from medusa_toolkit.pipeline.stages import StageRun
 from medusa_toolkit.tuning import TuneError
 from medusa_toolkit.tuning.calibration import Calibration, CalibrationError, calibrate_sequences, count_paths
 from medusa_toolkit.tuning.evaluate import comparison_trees, validate
@@ -182,7 +183,7 @@ def _fake_run(tmp_path, model, corpus, heads=None):
 def test_stage_writes_tree_and_plots(tiny, tmp_path):
     model, corpus = tiny
     cfg, run_dir, out = _fake_run(tmp_path, model, corpus)
-    run_tree(cfg, run_dir, out)
+    run_tree(StageRun.prepare(cfg, run_dir, "tree", out))
     for name in ("tree.json", "acceptance_heatmap.png", "tree.png", "budget_curves.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     tree = MedusaTree.from_file(out / "tree.json")
@@ -211,7 +212,7 @@ def test_tuner_falls_back_to_the_one_node_tree_when_no_tree_pays(tiny, tmp_path,
         return results
 
     monkeypatch.setattr(tune, "validate", slow)
-    run_tree(cfg, run_dir, out)
+    run_tree(StageRun.prepare(cfg, run_dir, "tree", out))
     record = json.loads((out / "tree.json").read_text())
     tree = MedusaTree.from_file(out / "tree.json")
     assert tree.num_nodes == 1 and record["num_nodes"] == 1 and record["paths"] == []
@@ -224,7 +225,7 @@ def test_stage_rejects_heads_for_another_base(tiny, tmp_path):
     wrong = MedusaHeads(hidden_size=32, vocab_size=256, num_heads=2)
     cfg, run_dir, out = _fake_run(tmp_path, model, corpus, heads=wrong)
     with pytest.raises(HeadsLoadError, match="do not fit this base"):
-        run_tree(cfg, run_dir, out)
+        run_tree(StageRun.prepare(cfg, run_dir, "tree", out))
 
 
 def test_tune_tree_data_flag_reads_data_made_elsewhere(tiny, tmp_path):
@@ -275,7 +276,7 @@ def test_tree_stage_calibrates_on_the_data_stages_heldout_rows(staged_run, tmp_p
     cfg, run_dir = staged_run
     heldout = data_artefact.load(run_dir / "data").heldout
     assert len(heldout) >= 2
-    run_tree(cfg, run_dir, tmp_path)
+    run_tree(StageRun.prepare(cfg, run_dir, "tree", tmp_path))
     record = json.loads((tmp_path / "tree.json").read_text())
     assert "held-out rows" in record["calibration"]["source"]
     assert record["calibration"]["num_sequences"] == min(4, len(heldout))
@@ -294,7 +295,7 @@ def test_tree_stage_without_heldout_rows_falls_back_to_prompts_and_says_so(stage
     cfg = config_from_dict({**cfg.to_dict(), "tree": {**cfg.to_dict()["tree"], "prompts": "eval"}})
     out = tmp_path / "out"
     out.mkdir()
-    run_tree(cfg, run, out)
+    run_tree(StageRun.prepare(cfg, run, "tree", out))
     record = json.loads((out / "tree.json").read_text())
     assert record["calibration"]["source"].startswith("eval prompts")
     assert "no held-out rows" in record["calibration"]["source"]
@@ -324,7 +325,7 @@ def test_calibration_on_eval_prompts_never_overlaps_the_validation_prompts(tiny,
     monkeypatch.setattr(inputs, "calibrate_prompts", calibrate)
     monkeypatch.setattr(tune, "validate", validate)
     monkeypatch.setattr(inputs, "calibrate_sequences", lambda *a, **k: pytest.fail("calibrated on data rows"))
-    run_tree(cfg, run_dir, out)
+    run_tree(StageRun.prepare(cfg, run_dir, "tree", out))
     record = json.loads((out / "tree.json").read_text())
     assert record["calibration"]["source"].startswith("eval prompts")
     assert len(seen["calibration"]) == 5 and len(seen["validation"]) == 2

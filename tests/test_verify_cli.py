@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from medusa_toolkit import MedusaHeads, load_base_model
+from medusa_toolkit.pipeline.stages import StageRun
 from medusa_toolkit.verify.cli import main
 from medusa_toolkit.verify.report import validate_report
 
@@ -114,7 +115,7 @@ def test_verify_stage(smol_heads, tmp_path):
             "logging": {"progress": False},
         }
     )
-    run_verify(cfg, run_dir, out)
+    run_verify(StageRun.prepare(cfg, run_dir, "verify", out))
     data = json.loads((out / "report.json").read_text())
     assert validate_report(data) == [] and data["verdict"]["exit_code"] == 0
     assert data["settings"]["tree"]["name"] == "tuned" and data["settings"]["tree"]["num_nodes"] == 4

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from medusa_toolkit import distributed as D
 from medusa_toolkit.config import config_from_dict
+from medusa_toolkit.pipeline.stages import StageRun
 from medusa_toolkit.train import trainer
 
 cfg_path, run_dir = Path(sys.argv[1]), Path(sys.argv[2])
@@ -28,4 +29,4 @@ trainer.load_frozen_base = recording_load
 D.init_distributed()
 out = run_dir / "heads"
 out.mkdir(parents=True, exist_ok=True)
-trainer.train(config_from_dict(json.loads(cfg_path.read_text())), run_dir, out)
+trainer.train(StageRun.prepare(config_from_dict(json.loads(cfg_path.read_text())), run_dir, "train", out))

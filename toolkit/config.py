@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError
@@ -20,6 +20,8 @@ from medusa_toolkit.errors import ToolkitError
 
 DType = Literal["float32", "bfloat16", "float16"]
 AttnImpl = Literal["sdpa", "eager", "medusa_flash_decoding"]
+# The attention implementations decoding can run (user-facing names; decoding.generate registers ours): one list.
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = get_args(AttnImpl)
 StageName = Literal["data", "train", "tree", "verify", "export"]
 ALL_STAGES: tuple[str, ...] = ("data", "train", "tree", "verify", "export")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.pipeline.cli import Shortcut, add_config_arguments, config_from_args, run_command
+from medusa_toolkit.run_dir import RunDir
 
 SHORTCUTS = [
     Shortcut("--output-dir", "output_dir", "run directory"),
@@ -48,7 +49,7 @@ def verify_exit_code(run_dir: Path, stages: list[str]) -> int:
     if "verify" not in stages:
         return 0
     try:
-        return int(json.loads((run_dir / "verify" / "report.json").read_text())["verdict"]["exit_code"])
+        return int(json.loads(RunDir(run_dir).report.read_text())["verdict"]["exit_code"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
 
@@ -67,9 +68,10 @@ def run(argv: list[str] | None = None) -> int:
     D.init_distributed()
     log = print if D.is_main() else (lambda *a, **k: None)
     run_dir = Path(cfg.output_dir)
-    if args.force and "train" in cfg.stages and D.is_main() and (run_dir / "checkpoints").exists():
-        shutil.rmtree(run_dir / "checkpoints")  # --force: training starts over
-        log(f"[train] --force: removed the checkpoints in {run_dir / 'checkpoints'}")
+    checkpoints = RunDir(run_dir).checkpoints
+    if args.force and "train" in cfg.stages and D.is_main() and checkpoints.exists():
+        shutil.rmtree(checkpoints)  # --force: training starts over
+        log(f"[train] --force: removed the checkpoints in {checkpoints}")
     D.barrier()
     try:
         run_pipeline(cfg, run_dir, cfg.stages, force=args.force, log=log)

@@ -28,6 +28,7 @@ from medusa_toolkit.config import ToolkitConfig
 from medusa_toolkit.decoding.generate import greedy_generate_batch
 from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.model.base_model import load_base_model, resolve_generation_dtype
+from medusa_toolkit.pipeline.stages import StageRun
 from medusa_toolkit.prompts import (
     PromptError,
     chat_ids,
@@ -37,6 +38,7 @@ from medusa_toolkit.prompts import (
     render_prompt,
     user_reply_pairs,
 )
+from medusa_toolkit.run_dir import RunDir
 
 SUMMARY = "data_summary.json"
 
@@ -45,16 +47,10 @@ class DataError(ToolkitError, ValueError):
     """The data stage cannot produce training data; the message names the problem and the fix."""
 
 
-def data_hash(cfg: ToolkitConfig, run_dir: Path) -> str:
-    """Hash of what the generated data depends on: the data stage's inputs (config values and file contents)."""
-    from medusa_toolkit.pipeline.stages import STAGES, input_hash
-
-    return input_hash(cfg, STAGES["data"], Path(run_dir))[:16]
-
-
-def partial_dir(cfg: ToolkitConfig, run_dir: Path) -> Path:
-    """Where finished shards live until the merge (survives an interrupted run)."""
-    return Path(run_dir) / ".data.partial" / data_hash(cfg, run_dir)
+def partial_dir(run: StageRun) -> Path:
+    """Where finished shards live until the merge, keyed by the stage's input digest (survives an interrupted run;
+    other inputs never reuse them)."""
+    return run.dirs.data_partial / run.digest[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -361,11 +357,12 @@ def base_model_metadata(name_or_path: str):
     return _BaseMetadata(AutoConfig.from_pretrained(path), generation), AutoTokenizer.from_pretrained(path)
 
 
-def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
-    """Generate (or continue generating) the self-distillation dataset into `out_dir`."""
+def run_data(run: StageRun) -> None:
+    """Generate (or continue generating) the self-distillation dataset into `run.out`."""
     import datasets
 
     start = time.time()
+    cfg, out_dir = run.cfg, run.out
     d = cfg.data
     dtype = resolve_generation_dtype(cfg.data.generation_dtype, cfg.model.dtype)
     engine = None
@@ -390,7 +387,7 @@ def run_data(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
     def fits(text: str) -> bool:
         return len(render_prompt(tokenizer, text, d.use_chat_template, d.system_prompt)) <= limit
 
-    parts = partial_dir(cfg, run_dir)
+    parts = partial_dir(run)
     parts.mkdir(parents=True, exist_ok=True)
     sources_file = parts / "sources.json"  # self-generated prompts are sampled once, then reused on a resume
     if sources_file.is_file():
@@ -559,5 +556,5 @@ def frequent_targets(ds, k: int, always: list[int] = ()) -> tuple[list[int], flo
 
 def load_data(run_dir: Path):
     """The data artefact as (train, heldout) datasets."""
-    art = data_artefact.load(Path(run_dir) / "data")
+    art = data_artefact.load(RunDir(run_dir).data)
     return art.train, art.heldout

@@ -24,9 +24,12 @@ from medusa_toolkit import distributed as D
 from medusa_toolkit import special_tokens
 from medusa_toolkit.config import ToolkitConfig
 from medusa_toolkit.errors import ToolkitError
+from medusa_toolkit.fingerprint import digest_of
 from medusa_toolkit.model.base_model import load_base_model
 from medusa_toolkit.model.heads import MedusaHeads
 from medusa_toolkit.model.medusa_model import BaseHead
+from medusa_toolkit.pipeline.stages import StageRun
+from medusa_toolkit.run_dir import RunDir
 from medusa_toolkit.train.data import frequent_targets, load_data
 from medusa_toolkit.train.losses import MedusaObjective, target_counts
 
@@ -36,14 +39,6 @@ KEEP_CHECKPOINTS = 2
 
 class TrainError(ToolkitError, ValueError):
     """Training cannot start (bad DeepSpeed file, incompatible checkpoint, ...); the message says what to do."""
-
-
-def config_hash(cfg: ToolkitConfig, run_dir: Path) -> str:
-    """Hash of everything the trained heads depend on (the train stage's inputs: config, the data artefact's content,
-    the DeepSpeed JSON, the base); a checkpoint of another hash is never resumed."""
-    from medusa_toolkit.pipeline.stages import STAGES, input_hash
-
-    return input_hash(cfg, STAGES["train"], Path(run_dir))[:16]
 
 
 def deepspeed_config(cfg: ToolkitConfig) -> dict:
@@ -235,33 +230,25 @@ def _sha(values: list[int]) -> str:
     return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
 
 
-def teacher_key(cfg: ToolkitConfig, run_dir: Path, chash: str) -> str:
+def teacher_key(run: StageRun) -> str:
     """What the base's hidden states depend on: the data artefact's content and the base (weights, dtype, attention).
-    Learning rate, epochs or heads do not change them, so a sweep over those reuses the on-disk cache. Data made
-    outside the stages has no content hash to trust: then the whole train-stage input hash `chash` is the key."""
-    from medusa_toolkit.fingerprint import digest_of
-    from medusa_toolkit.model.base_model import base_fingerprint
-    from medusa_toolkit.pipeline.stages import read_manifest
-
-    manifest = read_manifest(Path(run_dir) / "data")
-    if not manifest or not manifest.get("artefact_hash"):
-        return chash
-    m = cfg.model
+    Learning rate, epochs or heads do not change them, so a sweep over those reuses the on-disk cache."""
+    m = run.cfg.model
     return digest_of(
-        {"data": manifest["artefact_hash"], "base": base_fingerprint(m.name_or_path), "dtype": m.dtype,
+        {"data": run.inputs["upstream"]["data"], "base": run.inputs["base_model"], "dtype": m.dtype,
          "attn": m.attn_implementation}
     )[:16]  # fmt: skip
 
 
-def make_teacher(cfg: ToolkitConfig, base, run_dir: Path, chash: str, train_ds, eval_ds) -> Teacher:
+def make_teacher(run: StageRun, base, train_ds, eval_ds) -> Teacher:
     """The Teacher for train.teacher_cache; disk: sequence lengths cut to max_seq_len, as `collate` cuts them."""
+    cfg = run.cfg
     mode = cfg.train.teacher_cache
     if mode != "disk":
         return Teacher(base, mode)
     max_len = cfg.train.max_seq_len
     lengths = [min(len(r["input_ids"]), max_len) for ds in (train_ds, eval_ds) for r in ds]
-    key = teacher_key(cfg, run_dir, chash)
-    disk = DiskCache(Path(run_dir) / "teacher_cache", key, lengths, base.config.hidden_size, base.dtype)
+    disk = DiskCache(run.dirs.teacher_cache, teacher_key(run), lengths, base.config.hidden_size, base.dtype)
     return Teacher(base, False, disk)
 
 
@@ -344,10 +331,6 @@ class Progress:
         return {k: v for k, v in asdict(self).items() if k not in ("pending", "pending_tokens")}
 
 
-def _checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
 RUN_FILE = "run.json"  # in checkpoints/: which config the checkpoints belong to and how far that run got
 
 
@@ -356,7 +339,7 @@ def save_checkpoint(engine, run_dir: Path, progress: Progress, chash: str, total
     from safetensors.torch import save_file
 
     progress.sync()
-    ckpt = _checkpoint_dir(run_dir)
+    ckpt = RunDir(run_dir).checkpoints
     tag = f"step-{progress.step:07d}"
     engine.save_checkpoint(str(ckpt), tag=tag, client_state={"progress": progress.state(), "config_hash": chash})
     save_file({"cpu": torch.get_rng_state()}, str(ckpt / tag / f"rng-rank{D.rank()}.safetensors"))
@@ -374,7 +357,7 @@ def load_checkpoint(engine, run_dir: Path, chash: str) -> Progress | None:
     """Restore the latest checkpoint; None when there is none."""
     from safetensors.torch import load_file
 
-    ckpt = _checkpoint_dir(run_dir)
+    ckpt = RunDir(run_dir).checkpoints
     if not (ckpt / "latest").is_file():
         return None
     path, state = engine.load_checkpoint(str(ckpt))
@@ -395,7 +378,7 @@ def load_checkpoint(engine, run_dir: Path, chash: str) -> Progress | None:
 def check_checkpoints(run_dir: Path, chash: str, resume: bool) -> None:
     """Before a fresh (not --resume) run: refuse to silently discard an interrupted run of this same config; drop
     checkpoints of other configs or of finished runs (they can never be resumed by this config)."""
-    ckpt = _checkpoint_dir(run_dir)
+    ckpt = RunDir(run_dir).checkpoints
     if resume or not ckpt.exists():
         return
     try:
@@ -497,12 +480,13 @@ class Setup:
         return total
 
 
-def setup(cfg: ToolkitConfig, run_dir: Path) -> Setup:
+def setup(run: StageRun) -> Setup:
     """Data, frozen base, heads + loss, optimizer and schedule, DeepSpeed engine."""
     import deepspeed
 
+    cfg, run_dir = run.cfg, run.dirs.root
     t = cfg.train
-    chash = config_hash(cfg, run_dir)
+    chash = run.digest[:16]  # a checkpoint of other inputs is never resumed
     ds_config = deepspeed_config(cfg)  # before loading anything: a bad file fails fast
     check_checkpoints(run_dir, chash, t.resume)
     train_ds, eval_ds = load_data(run_dir)
@@ -538,7 +522,7 @@ def setup(cfg: ToolkitConfig, run_dir: Path) -> Setup:
             f"{engine.gradient_accumulation_steps()}, the data order expects {micro} x {accum}; set both in the JSON"
         )
     return Setup(
-        engine, heads, make_teacher(cfg, base, run_dir, chash, train_ds, eval_ds), train_ds, eval_ds, device, micro,
+        engine, heads, make_teacher(run, base, train_ds, eval_ds), train_ds, eval_ds, device, micro,
         accum, global_batch, total_steps, chash, zero3_base=zero3_base,
     )  # fmt: skip
 
@@ -712,11 +696,11 @@ def save_heads(
     return final
 
 
-def train(cfg: ToolkitConfig, run_dir: Path, out_dir: Path | None) -> MedusaHeads:
-    """Train the heads; rank 0 writes them into out_dir. Read top to bottom: setup, resume, steps, save."""
+def train(run: StageRun) -> MedusaHeads:
+    """Train the heads; rank 0 writes them into run.out. Read top to bottom: setup, resume, steps, save."""
     D.init_distributed()
-    run_dir, t, start_time = Path(run_dir), cfg.train, time.time()
-    s = setup(cfg, run_dir)
+    cfg, run_dir, out_dir, t, start_time = run.cfg, run.dirs.root, run.out, run.cfg.train, time.time()
+    s = setup(run)
     try:
         progress = (load_checkpoint(s.engine, run_dir, s.config_hash) if t.resume else None) or Progress()
         if progress.step and D.is_main():
@@ -733,8 +717,8 @@ def train(cfg: ToolkitConfig, run_dir: Path, out_dir: Path | None) -> MedusaHead
             if done % t.checkpoint_every == 0 and done < s.total_steps:
                 save_checkpoint(s.engine, run_dir, progress, s.config_hash, s.total_steps)
         bar.close()
-        if D.is_main() and _checkpoint_dir(run_dir).exists():  # finished: nothing left to resume
-            (_checkpoint_dir(run_dir) / RUN_FILE).write_text(
+        if D.is_main() and RunDir(run_dir).checkpoints.exists():  # finished: nothing left to resume
+            (RunDir(run_dir).checkpoints / RUN_FILE).write_text(
                 json.dumps({"config_hash": s.config_hash, "step": s.total_steps, "total_steps": s.total_steps}) + "\n"
             )
         final = save_heads(s, cfg, progress, out_dir, start_time)
@@ -797,6 +781,6 @@ def _plot(history: list[dict], num_heads: int, path: Path) -> None:
     plt.close(fig)
 
 
-def run_train(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
+def run_train(run: StageRun) -> None:
     """Stage entry point: train the heads and write heads/ (config.json, weights, training_summary.json)."""
-    train(cfg, run_dir, out_dir)
+    train(run)

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from medusa_toolkit.config import ConfigError
+from medusa_toolkit.config import ATTN_IMPLEMENTATIONS, ConfigError
 from medusa_toolkit.pipeline.cli import (
     Shortcut,
     add_config_arguments,
     config_from_args,
     heads_argument,
+    output_dir,
     require_base,
     run_command,
 )
 
-ATTN_CHOICES = ("sdpa", "eager", "medusa_flash_decoding")
 DTYPES = ("float32", "bfloat16", "float16")
 
 SHORTCUTS = [
@@ -35,7 +34,7 @@ SHORTCUTS = [
     Shortcut("--num-prompts", "verify.num_prompts", "prompts checked (null: all of a file, 8 of a named set)", int),
     Shortcut("--max-new-tokens", "verify.max_new_tokens", "tokens generated per prompt by both sides", int),
     Shortcut("--dtype", "verify.dtype", "dtype of both sides (null: model.dtype)", choices=DTYPES),
-    Shortcut("--attn", "verify.attn_implementation", "attention of the Medusa side", choices=ATTN_CHOICES),
+    Shortcut("--attn", "verify.attn_implementation", "attention of the Medusa side", choices=ATTN_IMPLEMENTATIONS),
     Shortcut("--device", "model.device", "cuda / cpu (null: cuda when available)"),
     Shortcut("--batch-size", "verify.batch_size", "prompts Medusa decodes together (references run one at a time)",
              int),
@@ -72,10 +71,6 @@ def run(argv: list[str] | None) -> int:
     cfg = config_from_args(args, SHORTCUTS)
     heads = heads_argument(args, cfg, "verified")
     require_base(args)
-    tree = cfg.verify.tree
-    if tree is None and args.config is not None:  # a run's config: its tuned tree when the tree stage ran
-        tuned = Path(cfg.output_dir) / "tree" / "tree.json"
-        tree = str(tuned) if tuned.is_file() else (cfg.tree.tree if cfg.tree.tree != "auto" else None)
     if args.sampling:
         from medusa_toolkit.verify.distribution import parse_sampling_spec
 
@@ -85,25 +80,18 @@ def run(argv: list[str] | None) -> int:
             raise ConfigError(str(e)) from None
 
     from medusa_toolkit.verify.report import summary_table
-    from medusa_toolkit.verify.verifier import load_verify_model, select_prompts, verify_heads, write_outputs
+    from medusa_toolkit.verify.verifier import VerifyRequest, write_outputs
 
-    prompts, available = select_prompts(cfg.verify)
-    model, tree = load_verify_model(cfg, heads, tree)
+    request = VerifyRequest.from_config(cfg, heads, output_dir(args, cfg))
+    model, tree = request.load()
     if args.sampling:  # distribution test of Medusa sampling instead of the greedy token-identity check
         from medusa_toolkit.prompts import render_prompt
         from medusa_toolkit.verify.distribution import run_sampling_cli
 
+        prompts, _ = request.prompts()
         ids = [render_prompt(model.tokenizer, p, cfg.data.use_chat_template, cfg.data.system_prompt) for p in prompts]
         return run_sampling_cli(args, model, ids, tree, cfg.verify.attn_implementation, cfg.logging.progress)
-    report = verify_heads(
-        model, model.tokenizer, prompts, tree=tree, max_new_tokens=cfg.verify.max_new_tokens,
-        attn_implementation=cfg.verify.attn_implementation, tie_tolerance=cfg.verify.tie_tolerance,
-        strict=cfg.verify.strict, min_accept_length=cfg.verify.min_accept_length, batch_size=cfg.verify.batch_size,
-        use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt,
-        settings={"base": cfg.model.name_or_path, "heads": heads, "prompts_source": cfg.verify.prompts,
-                  "available_prompts": available},
-        progress=cfg.logging.progress,
-    )  # fmt: skip
+    report = request.run_greedy(model, tree)
     write_outputs(report, args.report, args.junit)
     print(summary_table(report))
     return report.exit_code

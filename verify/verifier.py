@@ -22,7 +22,10 @@ from typing import Any
 
 import torch
 
+from medusa_toolkit import distributed as D
 from medusa_toolkit import special_tokens
+from medusa_toolkit.pipeline.stages import StageRun
+from medusa_toolkit.run_dir import JUNIT_FILE, REPORT_FILE, RunDir
 from medusa_toolkit.verify.report import Divergence, PromptResult, VerifyReport, summary_table, write_json, write_junit
 
 # Default tie tolerances (logit units) per dtype. float32 paths differ only by reduction order (~1e-5 on logits);
@@ -388,35 +391,58 @@ def load_verify_model(cfg: Any, heads: str | Path, tree: Any):
     return MedusaModel(base, loaded, tokenizer), tree
 
 
-def run_verify(cfg: Any, run_dir: Path, out_dir: Path) -> None:
-    """The `verify` stage: heads from run_dir/heads, tree from run_dir/tree/tree.json (else `verify.tree`/`tree.tree`
-    when it names a preset or file, else a chain over all heads); writes out_dir/report.json and out_dir/junit.xml.
+@dataclass
+class VerifyRequest:
+    """One verification as the config describes it: which heads, which tree, which prompts, every setting. The verify
+    stage and medusa-verify build one (`from_config`) and run it (`run`)."""
+
+    cfg: Any
+    heads: str
+    tree: str | None  # a tree.json, a preset, or None (a chain over all heads)
+    run: RunDir | None = None  # the run the heads come from, if any
+
+    @classmethod
+    def from_config(cls, cfg: Any, heads: str | Path, run: RunDir | None) -> VerifyRequest:
+        """The tree: `verify.tree`, else the run's tuned tree.json when the tree stage wrote one, else `tree.tree` when
+        it names a preset or file, else None."""
+        tree = cfg.verify.tree
+        if tree is None and run is not None and run.tree_file.is_file():
+            tree = str(run.tree_file)
+        if tree is None:
+            tree = cfg.tree.tree if cfg.tree.tree != "auto" else None
+        return cls(cfg, str(heads), tree, run)
+
+    def prompts(self) -> tuple[list[str], int]:
+        return select_prompts(self.cfg.verify)
+
+    def load(self):
+        """(MedusaModel, MedusaTree): the heads first (cheap), then the base in verify.dtype."""
+        return load_verify_model(self.cfg, self.heads, self.tree)
+
+    def run_greedy(self, model: Any = None, tree: Any = None) -> VerifyReport:
+        """The token-identity check of greedy Medusa decoding on the request's prompts."""
+        cfg, v = self.cfg, self.cfg.verify
+        prompts, available = self.prompts()
+        if model is None:
+            model, tree = self.load()
+        return verify_heads(
+            model, model.tokenizer, prompts, tree=tree, max_new_tokens=v.max_new_tokens,
+            attn_implementation=v.attn_implementation, tie_tolerance=v.tie_tolerance, strict=v.strict,
+            min_accept_length=v.min_accept_length, batch_size=v.batch_size,
+            use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt,
+            settings={"base": cfg.model.name_or_path, "heads": self.heads, "prompts_source": v.prompts,
+                      "available_prompts": available},
+            progress=cfg.logging.progress,
+        )  # fmt: skip
+
+
+def run_verify(run: StageRun) -> None:
+    """The `verify` stage: the run's heads and tree (VerifyRequest.from_config); writes report.json and junit.xml.
 
     It never raises on a failed verification: the report's verdict gates export, and `medusa-train` exits with it.
     """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if not D.is_main():
         return  # one process verifies; the runner's barrier waits for it
-    v = cfg.verify
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    prompts, available = select_prompts(v)
-    tree_file = run_dir / "tree" / "tree.json"
-    if v.tree:
-        tree = v.tree
-    elif tree_file.is_file():
-        tree = str(tree_file)
-    else:
-        tree = cfg.tree.tree if cfg.tree.tree != "auto" else None  # None: a chain over all heads
-    model, tree = load_verify_model(cfg, run_dir / "heads", tree)
-    report = verify_heads(
-        model, model.tokenizer, prompts, tree=tree, max_new_tokens=v.max_new_tokens,
-        attn_implementation=v.attn_implementation, tie_tolerance=v.tie_tolerance, strict=v.strict,
-        min_accept_length=v.min_accept_length, batch_size=v.batch_size, use_chat_template=cfg.data.use_chat_template,
-        system_prompt=cfg.data.system_prompt,
-        settings={"base": cfg.model.name_or_path, "heads": str(run_dir / "heads"), "prompts_source": v.prompts,
-                  "available_prompts": available},
-        progress=cfg.logging.progress,
-    )  # fmt: skip
-    write_outputs(report, out_dir / "report.json", out_dir / "junit.xml")
+    report = VerifyRequest.from_config(run.cfg, run.dirs.heads, run.dirs).run_greedy()
+    write_outputs(report, run.out / REPORT_FILE, run.out / JUNIT_FILE)
     print(summary_table(report))

@@ -26,14 +26,15 @@ import torch
 from transformers import DynamicCache
 
 from medusa_toolkit import special_tokens
+from medusa_toolkit.config import ATTN_IMPLEMENTATIONS
 from medusa_toolkit.decoding.cpu_attention import CPU_SDPA_NAME, register_cpu_sdpa
 from medusa_toolkit.decoding.row_cache import RowCache
 from medusa_toolkit.model.medusa_model import MedusaModel
 from medusa_toolkit.model.tree import MedusaTree, TreeBuffers
 
-# User-facing names. "medusa_flash_decoding" is registered with transformers under the kernel package's ATTN_NAME,
-# which avoids the substring "flash" (transformers routes any such name to its FlashAttention code paths).
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "medusa_flash_decoding")
+# User-facing names (config.ATTN_IMPLEMENTATIONS). "medusa_flash_decoding" is registered with transformers under the
+# kernel package's ATTN_NAME, which avoids the substring "flash" (transformers routes any such name to its
+# FlashAttention code paths).
 
 
 # ----------------------------------------------------------------------------------------------------------------------

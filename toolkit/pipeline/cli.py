@@ -13,11 +13,11 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from medusa_toolkit.config import ConfigError, ToolkitConfig, load_config
 from medusa_toolkit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, ToolkitError
+from medusa_toolkit.run_dir import RunDir
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,9 @@ def config_from_args(args: argparse.Namespace, shortcuts: list[Shortcut]) -> Too
         raise ConfigError(message) from None
 
 
-def output_dir(args: argparse.Namespace, cfg: ToolkitConfig) -> Path | None:
+def output_dir(args: argparse.Namespace, cfg: ToolkitConfig) -> RunDir | None:
     """The run directory when a CONFIG was given (the standalone commands then default to its artefacts)."""
-    return Path(cfg.output_dir) if args.config else None
+    return RunDir(cfg.output_dir) if args.config else None
 
 
 def heads_argument(args: argparse.Namespace, cfg: ToolkitConfig, verb: str) -> str:
@@ -102,7 +102,7 @@ def heads_argument(args: argparse.Namespace, cfg: ToolkitConfig, verb: str) -> s
         return args.heads
     if run is None:
         raise ConfigError(f"--heads is required (or pass the CONFIG of a run: its OUTPUT_DIR/heads are {verb})")
-    return str(run / "heads")
+    return str(run.heads)
 
 
 def require_base(args: argparse.Namespace) -> None:

@@ -1,8 +1,8 @@
 """The stage runner: config -> data -> train -> tree -> verify -> export, each stage an artefact folder in the run dir.
 
-A stage is one function `run_<stage>(cfg, run_dir, out_dir) -> None` that writes its artefact into `out_dir` (a
-temp folder); the runner then writes `manifest.json` and renames the folder into place, so a killed stage never
-leaves a half artefact (and its temp folder is removed). The manifest holds
+A stage is one function `run_<stage>(run: StageRun) -> None` that writes its artefact into `run.out` (a temp folder);
+the runner then writes `manifest.json` and renames the folder into place, so a killed stage never leaves a half
+artefact (and its temp folder is removed). The manifest holds
 
 - `input_hash`: the stage's config sections, the CONTENT of every file they name (prompt files, tree files, the
   DeepSpeed JSON, initial heads, a local base model) and the content hash of every upstream artefact it reads;
@@ -10,7 +10,9 @@ leaves a half artefact (and its temp folder is removed). The manifest holds
 
 A stage is "cached" only when its input hash matches AND its files on disk are still the bytes it wrote, so editing a
 prompts file, a tree file or an artefact reruns exactly the stages it affects. The runner never deletes a file it did
-not write: replacing an artefact folder that holds foreign files is refused.
+not write: replacing an artefact folder that holds foreign files is refused. The stage gets its input hash
+(`run.digest`) and what it covers (`run.inputs`): a stage that keeps state across runs (the data stage's finished
+shards, training checkpoints, the teacher cache) keys it on them instead of recomputing them.
 
 Under a launcher (deepspeed, torchrun) every rank calls every stage function; only rank 0 writes the manifest and
 renames, and all ranks meet at a barrier afterwards.
@@ -26,9 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from medusa_toolkit import distributed as D
 from medusa_toolkit.config import ConfigError, ToolkitConfig
 from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.fingerprint import digest_of, folder_files, path_digest
+from medusa_toolkit.run_dir import RunDir
 from medusa_toolkit.version import __version__
 
 MANIFEST = "manifest.json"
@@ -43,13 +47,8 @@ class Stage:
     sections: tuple[str, ...]  # config sections whose values are this stage's inputs
     after: tuple[str, ...]  # earlier stages whose artefacts it reads when present (their hashes feed its own)
     requires: tuple[str, ...] = ()  # earlier stages whose artefacts it cannot run without
-    folder: str | None = None  # artefact folder in the run dir when it differs from the stage name
 
-    @property
-    def artefact(self) -> str:
-        return self.folder or self.name
-
-    def function(self) -> Callable[[ToolkitConfig, Path, Path], None]:
+    def function(self) -> Callable[[StageRun], None]:
         module, func = self.target.split(":")
         return getattr(importlib.import_module(module), func)
 
@@ -58,8 +57,7 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage("data", "medusa_toolkit.train.data:run_data", ("model", "data"), ()),
-        Stage("train", "medusa_toolkit.train.trainer:run_train", ("model", "heads", "train"), ("data",),
-              ("data",), "heads"),
+        Stage("train", "medusa_toolkit.train.trainer:run_train", ("model", "heads", "train"), ("data",), ("data",)),
         Stage("tree", "medusa_toolkit.tuning.stage:run_tree", ("model", "data", "tree"), ("data", "train"),
               ("train",)),
         Stage("verify", "medusa_toolkit.verify.verifier:run_verify", ("model", "data", "verify", "tree"),
@@ -70,21 +68,27 @@ STAGES: dict[str, Stage] = {
 }  # fmt: skip
 
 
+@dataclass(frozen=True)
+class StageRun:
+    """What a stage function gets: the config, the run directory, the folder to write its artefact into, its input
+    hash and what that hash covers (`inputs`: config sections, named files, base, upstream artefacts)."""
+
+    cfg: ToolkitConfig
+    dirs: RunDir
+    out: Path
+    digest: str
+    inputs: dict
+
+    @classmethod
+    def prepare(cls, cfg: ToolkitConfig, run_dir: str | Path, stage: str, out: str | Path | None = None) -> StageRun:
+        """The StageRun the runner would pass (tests and benchmarks call a stage function directly with it)."""
+        dirs = RunDir(run_dir)
+        inputs = stage_inputs(cfg, STAGES[stage], dirs)
+        return cls(cfg, dirs, Path(out) if out is not None else dirs.artefact(stage), digest_of(inputs), inputs)
+
+
 class StageError(ToolkitError, RuntimeError):
     """A stage cannot run (e.g. an earlier artefact is missing); the message says which stage to run first."""
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -113,8 +117,8 @@ def named_files(cfg: ToolkitConfig, stage: str) -> dict[str, str]:
     return out
 
 
-def input_hash(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> str:
-    """Hash of everything a stage's output depends on: config sections, named files' content, upstream artefacts."""
+def stage_inputs(cfg: ToolkitConfig, stage: Stage, run: RunDir) -> dict:
+    """Everything a stage's output depends on: config sections, named files' content, upstream artefacts."""
     from medusa_toolkit.model.base_model import base_fingerprint, resolve_generation_dtype
 
     cfg_dict = cfg.to_dict()
@@ -122,9 +126,13 @@ def input_hash(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> str:
         cfg_dict[section].pop(key, None)
     upstream = {}
     for name in stage.after:
-        manifest = read_manifest(run_dir / STAGES[name].artefact)
-        upstream[name] = manifest.get("artefact_hash") if manifest else None
-    payload = {
+        folder = run.artefact(name)
+        manifest = read_manifest(folder)
+        if manifest:
+            upstream[name] = manifest.get("artefact_hash")
+        else:  # made outside the stages (or absent): its content, so that nothing keyed on it is reused stale
+            upstream[name] = f"content:{path_digest(folder)}" if folder.is_dir() else None
+    return {
         "stage": stage.name,
         "sections": {s: cfg_dict[s] for s in stage.sections},
         "files": {key: path_digest(path) for key, path in named_files(cfg, stage.name).items()},
@@ -134,7 +142,11 @@ def input_hash(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> str:
         "upstream": upstream,
         "toolkit_version": __version__,
     }
-    return digest_of(payload)
+
+
+def input_hash(cfg: ToolkitConfig, stage: Stage, run_dir: str | Path) -> str:
+    """The hash of `stage_inputs`: a manifest's `input_hash`."""
+    return digest_of(stage_inputs(cfg, stage, RunDir(run_dir)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -176,12 +188,13 @@ def foreign_files(stage_dir: Path) -> list[str]:
 
 def cache_status(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> tuple[bool, str]:
     """(cached?, why not) for a stage's artefact in run_dir."""
-    manifest = read_manifest(run_dir / stage.artefact)
+    folder = RunDir(run_dir).artefact(stage.name)
+    manifest = read_manifest(folder)
     if manifest is None:
         return False, "no artefact yet"
     if manifest.get("input_hash") != input_hash(cfg, stage, run_dir):
         return False, "inputs changed"
-    changed = changed_files(run_dir / stage.artefact, manifest)
+    changed = changed_files(folder, manifest)
     if changed:
         return False, f"artefact files changed on disk since they were written ({', '.join(changed[:3])})"
     return True, ""
@@ -209,35 +222,35 @@ def run_stage(cfg: ToolkitConfig, name: str, run_dir: str | Path, force: bool = 
     if name not in STAGES:
         raise StageError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
     stage = STAGES[name]
-    run_dir = Path(run_dir)
-    final = run_dir / stage.artefact
-    cached, why = cache_status(cfg, stage, run_dir)
+    run = RunDir(run_dir)
+    final = run.artefact(name)
+    cached, why = cache_status(cfg, stage, run.root)
     if cached and not force:
-        if _rank() == 0:
+        if D.is_main():
             log(f"[{name}] cached: {final}")
         return final
     for dep in stage.requires:
-        if read_manifest(run_dir / STAGES[dep].artefact) is None:
-            raise StageError(f"stage '{name}' needs the '{dep}' artefact in {run_dir}; run stage '{dep}' first")
-    if _rank() == 0 and final.exists() and not force and why:
+        if read_manifest(run.artefact(dep)) is None:
+            raise StageError(f"stage '{name}' needs the '{dep}' artefact in {run.root}; run stage '{dep}' first")
+    if D.is_main() and final.exists() and not force and why:
         log(f"[{name}] rerunning: {why}")
-    digest = input_hash(cfg, stage, run_dir)
     # Same name on every rank (no mkdtemp): ranks may all write their share into it.
-    tmp = run_dir / f".{name}.tmp"
-    if _rank() == 0:
+    tmp = run.root / f".{name}.tmp"
+    stage_run = StageRun.prepare(cfg, run.root, name, tmp)
+    if D.is_main():
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    _barrier()
+    D.barrier()
     start = time.time()
     try:
-        stage.function()(cfg, run_dir, tmp)
-        _barrier()
-        if _rank() == 0:
+        stage.function()(stage_run)
+        D.barrier()
+        if D.is_main():
             files = folder_files(tmp)
             manifest = {
                 "stage": name,
-                "input_hash": digest,
+                "input_hash": stage_run.digest,
                 "artefact_hash": digest_of(files),
                 "files": files,
                 "toolkit_version": __version__,
@@ -247,9 +260,9 @@ def run_stage(cfg: ToolkitConfig, name: str, run_dir: str | Path, force: bool = 
             _replace(tmp, final)
             log(f"[{name}] done in {time.time() - start:.1f}s: {final}")
     finally:
-        if _rank() == 0 and tmp.exists():  # a failed or interrupted stage leaves nothing half-written behind
+        if D.is_main() and tmp.exists():  # a failed or interrupted stage leaves nothing half-written behind
             shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    D.barrier()
     return final
 
 
@@ -325,9 +338,9 @@ def run_pipeline(
     if not wanted:
         raise StageError(f"no stages to run; name at least one of {', '.join(STAGES)}")
     check_inputs(cfg, wanted)
-    run_dir = Path(run_dir)
-    if _rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.resolved.yaml").write_text(cfg.to_yaml())
-    _barrier()
-    return {name: run_stage(cfg, name, run_dir, force=force, log=log) for name in STAGES if name in wanted}
+    run = RunDir(run_dir)
+    if D.is_main():
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.config.write_text(cfg.to_yaml())
+    D.barrier()
+    return {name: run_stage(cfg, name, run.root, force=force, log=log) for name in STAGES if name in wanted}

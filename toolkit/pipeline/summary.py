@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medusa_toolkit.run_dir import RunDir
+
 
 def _read(path: Path) -> dict[str, Any] | None:
     try:
@@ -20,16 +22,16 @@ def _num(value: Any, fmt: str = ".2f") -> str:
 
 def pipeline_summary(run_dir: str | Path) -> str:
     """A few lines per stage artefact present in `run_dir` (heads, tree, verification, speed, export)."""
-    run_dir = Path(run_dir)
-    lines = [f"== medusa-train summary: {run_dir} =="]
-    train = _read(run_dir / "heads" / "training_summary.json")
+    run = RunDir(run_dir)
+    lines = [f"== medusa-train summary: {run.root} =="]
+    train = _read(run.heads / "training_summary.json")
     if train:
         top1 = (train.get("final_heldout") or {}).get("top1") or []
         heads = ", ".join(f"head {k}: {a:.2f}" for k, a in enumerate(top1)) or "n/a"
         lines.append(
             f"heads    {train.get('num_heads')} x {train.get('head_type')}, {train.get('steps')} steps; held-out top-1 {heads}"
         )
-    tree = _read(run_dir / "tree" / "tree.json")
+    tree = _read(run.tree_file)
     if tree:
         lines.append(
             f"tree     {tree.get('num_nodes', len(tree.get('paths', [])) + 1)} nodes ({tree.get('objective', 'preset')}), "
@@ -51,7 +53,7 @@ def pipeline_summary(run_dir: str | Path) -> str:
             )
         if tree.get("fallback"):
             lines.append(f"tree     {tree['fallback']}")
-    report = _read(run_dir / "verify" / "report.json")
+    report = _read(run.report)
     if report:
         s, verdict = report.get("summary", {}), report.get("verdict", {})
         lines.append(
@@ -60,7 +62,7 @@ def pipeline_summary(run_dir: str | Path) -> str:
             f"{_num(s.get('medusa_tokens_per_s'), '.1f')} vs base {_num(s.get('reference_tokens_per_s'), '.1f')} tokens/s "
             f"({_num(s.get('speedup'))}x)"
         )
-    export = run_dir / "export"
+    export = run.export
     for fmt in ("medusa", "vllm"):
         if (export / fmt).is_dir():
             card = export / fmt / "README.md"

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medusa_toolkit.config import ConfigError
+from medusa_toolkit.config import ATTN_IMPLEMENTATIONS, ConfigError
 from medusa_toolkit.pipeline.cli import (
     Shortcut,
     add_config_arguments,
@@ -21,6 +21,7 @@ from medusa_toolkit.pipeline.cli import (
     require_base,
     run_command,
 )
+from medusa_toolkit.run_dir import TREE_FILE
 
 SHORTCUTS = [
     Shortcut("--base", "model.name_or_path", "base model: Hub id, local folder, .gguf, or smollm2-135m-instruct"),
@@ -42,7 +43,7 @@ SHORTCUTS = [
     Shortcut("--dtype", "model.dtype", "dtype of the base", choices=("float32", "bfloat16", "float16")),
     Shortcut("--device", "model.device", "cpu, cuda, cuda:1 ... (null: CUDA when available)"),
     Shortcut("--attn", "model.attn_implementation", "attention for decoding",
-             choices=("sdpa", "eager", "medusa_flash_decoding")),
+             choices=ATTN_IMPLEMENTATIONS),
     Shortcut("--no-chat-template", "data.use_chat_template", "render prompts as plain text", value=False),
     Shortcut("--no-progress", "logging.progress", "hide progress bars", value=False),
 ]  # fmt: skip
@@ -70,12 +71,12 @@ def run(argv: list[str] | None) -> int:
     cfg = config_from_args(args, SHORTCUTS)
     heads, run = heads_argument(args, cfg, "tuned"), output_dir(args, cfg)
     require_base(args)
-    data = Path(args.data) if args.data else (run / "data" if run else None)
+    data = Path(args.data) if args.data else (run.data if run else None)
     if args.data and not data.is_dir():
         raise ConfigError(f"--data: data dir not found: {args.data}")
     if args.prompts and not args.data:
         data = None  # prompts were asked for explicitly
-    out = Path(args.out) if args.out else (run / "tree" / "tree.json" if run else Path("tree.json"))
+    out = Path(args.out) if args.out else (run.tree_file if run else Path(TREE_FILE))
     tune_from_config(cfg, heads, out, data, allow_train=bool(args.data))
     return 0
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medusa_toolkit import distributed as D
 from medusa_toolkit.config import ToolkitConfig
 from medusa_toolkit.model.medusa_model import MedusaModel
 from medusa_toolkit.model.tree import MedusaTree
+from medusa_toolkit.pipeline.stages import StageRun
+from medusa_toolkit.run_dir import TREE_FILE
 from medusa_toolkit.tuning import TuneError
 from medusa_toolkit.tuning.inputs import calibration_inputs, resolve_depth
-from medusa_toolkit.tuning.tune import TREE_FILE, tune_tree
+from medusa_toolkit.tuning.tune import tune_tree
 
 
 def tune_from_config(
@@ -39,13 +42,10 @@ def tune_from_config(
     )  # fmt: skip
 
 
-def run_tree(cfg: ToolkitConfig, run_dir: Path, out_dir: Path) -> None:
-    """The `tree` stage: tune from run_dir/heads on held-out data, write out_dir/tree.json and PNG plots."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+def run_tree(run: StageRun) -> None:
+    """The `tree` stage: tune from the run's heads on its held-out data, write tree.json and PNG plots."""
+    if not D.is_main():
         return  # one process measures; others would compete for the same cores and skew the latency
-    run_dir = Path(run_dir)
-    if not (run_dir / "heads").is_dir():
-        raise TuneError(f"no heads in {run_dir / 'heads'}; run the 'train' stage first")
-    tune_from_config(cfg, run_dir / "heads", Path(out_dir) / TREE_FILE, run_dir / "data")
+    if not run.dirs.heads.is_dir():
+        raise TuneError(f"no heads in {run.dirs.heads}; run the 'train' stage first")
+    tune_from_config(run.cfg, run.dirs.heads, run.out / TREE_FILE, run.dirs.data)

@@ -25,7 +25,6 @@ from medusa_toolkit.tuning.evaluate import comparison_trees, format_validation, 
 from medusa_toolkit.tuning.search import TuneResult, choose, greedy_order, tree_for_budget
 from medusa_toolkit.tuning.timing import LATENCY_GRID, device_name, latency_grid, measure_step_times
 
-TREE_FILE = "tree.json"
 MAX_STORED_NODES = 256  # joint acceptance table entries kept in tree.json (the most likely paths)
 
 
