@@ -4,7 +4,7 @@ Same model, same sampling (temperature 1.0, top-p 0.95, `--max-tokens` per promp
 `--writers` (all four by default), `--prompts` prompts each:
   generate()        what the data stage did before: transformers' generate() on a batch of the shared prefix
                     (a full-vocabulary sort and multinomial per token; finished rows computed until the last ends)
-  sample_turns/32   the data stage's own loop (medusa_toolkit.train.magpie.sample_turns): the prefix runs once,
+  sample_turns/32   the data stage's own loop (medusa_toolkit.train.data.self_prompts.sample_turns): the prefix runs once,
                     finished rows leave the batch, top-p decided among the 1024 likeliest tokens
   sample_turns/64   the same at twice the batch (the data stage writes at 2 x data.batch_size)
   sample_turns/128  the same at 128 rows (the demo's data.batch_size is 64)
@@ -23,7 +23,7 @@ import torch
 
 from medusa_toolkit import special_tokens
 from medusa_toolkit.model.base_model import load_base_model
-from medusa_toolkit.train import magpie
+from medusa_toolkit.train.data import self_prompts
 from medusa_toolkit.tuning.timing import device_name
 
 
@@ -50,14 +50,20 @@ def main() -> None:
     args = ap.parse_args()
     model, tok = load_base_model(args.base, dtype="float32")
     eos, pad = set(special_tokens.eos_ids(model)), special_tokens.pad_token_id(model, tok)
-    prefix = magpie.pre_query_ids(tok, None)
+    prefix = self_prompts.pre_query_ids(tok, None)
     writers = {
         "generate()": (32, lambda r, n: with_generate(model, prefix, n, args.max_tokens, eos, pad, r)),
-        "sample_turns/32": (32, lambda r, n: magpie.sample_turns(model, prefix, n, args.max_tokens, 1.0, 0.95, eos, r)),
-        "sample_turns/64": (64, lambda r, n: magpie.sample_turns(model, prefix, n, args.max_tokens, 1.0, 0.95, eos, r)),
+        "sample_turns/32": (
+            32,
+            lambda r, n: self_prompts.sample_turns(model, prefix, n, args.max_tokens, 1.0, 0.95, eos, r),
+        ),
+        "sample_turns/64": (
+            64,
+            lambda r, n: self_prompts.sample_turns(model, prefix, n, args.max_tokens, 1.0, 0.95, eos, r),
+        ),
         "sample_turns/128": (
             128,
-            lambda r, n: magpie.sample_turns(model, prefix, n, args.max_tokens, 1.0, 0.95, eos, r),
+            lambda r, n: self_prompts.sample_turns(model, prefix, n, args.max_tokens, 1.0, 0.95, eos, r),
         ),
     }
     writers = {name: writers[name] for name in args.writers.split(",")}

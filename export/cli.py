@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medusa-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_config_arguments(p, SHORTCUTS)
-    p.add_argument("--heads", help="heads folder, weights file or Hub id (ours, upstream Medusa, .pt, vLLM); default "
+    p.add_argument("--heads", help="heads folder, weights file or Hub id (the medusa layout, upstream's .pt, vLLM); default "
                    "with a CONFIG: OUTPUT_DIR/heads")  # fmt: skip
     p.add_argument("--out", help="output folder: packages go to OUT/medusa and OUT/vllm (default with a CONFIG: "
                    "OUTPUT_DIR/export)")  # fmt: skip

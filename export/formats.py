@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from medusa_toolkit.model.heads import MedusaHeads
-from medusa_toolkit.model.heads_io import VLLM_WEIGHTS_NAME, WEIGHTS_NAME, upstream_tensors, vllm_tensors
+from medusa_toolkit.model.heads_io import VLLM_WEIGHTS_NAME, WEIGHTS_NAME, medusa_tensors, vllm_tensors
 from medusa_toolkit.version import __version__
 
 
@@ -84,7 +84,7 @@ def write_medusa(
     """Write `medusa_lm_head.safetensors` + `config.json` (the layout TGI and TensorRT-LLM's converter read)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(upstream_tensors(heads, lm_head_weight, dtype), str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(medusa_tensors(heads, lm_head_weight, dtype), str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     _write_json(out / "config.json", medusa_config(heads, base_model, tree))
     return out
 

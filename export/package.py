@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
+from medusa_toolkit.digest import folder_files
 from medusa_toolkit.errors import ToolkitError
 from medusa_toolkit.export.formats import write_medusa, write_vllm
 from medusa_toolkit.export.model_card import CardInfo, build_model_card
-from medusa_toolkit.fingerprint import folder_files
 from medusa_toolkit.model.base_model import BUILTIN_HUB_IDS, base_hub_id
 from medusa_toolkit.model.heads import MedusaHeads
 
@@ -52,7 +52,7 @@ class ExportInputs:
     plots: list[Path] = field(default_factory=list)
     license: str | None = None
     base_model_hub_id: str | None = None
-    heads_sha256: str | None = None  # MedusaHeads.content_hash() of `heads`; a report must name it to count
+    heads_sha256: str | None = None  # MedusaHeads.content_digest() of `heads`; a report must name it to count
     tree_sha256: str | None = None  # tree_digest of `tree`
 
 
@@ -199,7 +199,7 @@ def export_packages(
     if inputs.license is None:
         inputs.license = base_license(inputs.base_model_hub_id, inputs.base_model, online=repo_id is not None)
     if inputs.heads_sha256 is None:
-        inputs.heads_sha256 = inputs.heads.content_hash()
+        inputs.heads_sha256 = inputs.heads.content_digest()
     # TGI loads base_model_name_or_path itself: give engines the Hub id when an alias maps to one.
     engine_base = inputs.base_model_hub_id or inputs.base_model
     check_replaceable(out_dir, formats)  # before any work: never overwrite what we did not write

@@ -140,7 +140,7 @@ def gather_inputs(req: ExportRequest, *, push: bool = False, allow_unverified: b
         raise ExportError(f"--base-model-id {req.base_model_id!r} is not a Hub id; use ORG/NAME")
     inputs = ExportInputs(
         heads=heads, base_model=base, base_model_hub_id=hub_id, tree=tree_data, tree_sha256=tree_sha,
-        heads_sha256=heads.content_hash(), verification=read_json(report_path),
+        heads_sha256=heads.content_digest(), verification=read_json(report_path),
     )  # fmt: skip
     if push:
         if hub_id is None:
@@ -193,7 +193,15 @@ def push_packages(
     ]  # fmt: skip
 
 
-def export(cfg: ToolkitConfig, req: ExportRequest, out_dir: Path, log: Callable = print) -> dict[str, Path]:
+@dataclass
+class Exported:
+    """What an export wrote (a folder per format) and, when it pushed, each push."""
+
+    folders: dict[str, Path]
+    pushes: list[PushResult]
+
+
+def export(cfg: ToolkitConfig, req: ExportRequest, out_dir: Path, log: Callable = print) -> Exported:
     """Write the configured packages into out_dir (and push them when export.push_to_hub is set)."""
     from medusa_toolkit.model.base_model import resolve_dtype
 
@@ -207,13 +215,15 @@ def export(cfg: ToolkitConfig, req: ExportRequest, out_dir: Path, log: Callable 
     folders = export_packages(inputs, out_dir, formats, dtype=dtype, repo_id=ex.push_to_hub)
     for fmt, folder in folders.items():
         log(f"[export] {fmt} package: {folder}")
+    pushes = []
     if ex.push_to_hub:
-        for r in push_packages(
+        pushes = push_packages(
             folders, ex.push_to_hub, private=ex.private, revision=ex.revision, create_pr=ex.create_pr,
             commit_message=ex.commit_message, log=log,
-        ):  # fmt: skip
+        )  # fmt: skip
+        for r in pushes:
             log(f"[export] {r.repo_id}: {r.pr_url or r.commit_url}")
-    return folders
+    return Exported(folders, pushes)
 
 
 def run_export(run: StageRun) -> None:
@@ -226,3 +236,34 @@ def run_export(run: StageRun) -> None:
         include_tokenizer=cfg.export.include_tokenizer,
     )  # fmt: skip
     export(cfg, req, run.out)
+
+
+def push_heads(
+    heads: MedusaHeads,
+    repo_id: str,
+    *,
+    verification: str | Path | None = None,
+    tree: str | Path | None = None,
+    base_model_id: str | None = None,
+    allow_unverified: bool = False,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    log: Callable = print,
+) -> list[PushResult]:
+    """`MedusaHeads.push_to_hub`: the medusa package of these heads, built and gated exactly as medusa-export builds and
+    gates it (model card, verification.json or "Not verified"), pushed to `repo_id`."""
+    import tempfile
+
+    from medusa_toolkit.config import config_from_dict
+
+    cfg = config_from_dict({"export": {
+        "formats": ["medusa"], "push_to_hub": repo_id, "base_model_id": base_model_id, "private": private,
+        "revision": revision, "create_pr": create_pr, "commit_message": commit_message,
+        "allow_unverified": allow_unverified, "include_tokenizer": False,
+    }})  # fmt: skip
+    req = ExportRequest(heads, tree=tree, verification=verification, base_model_id=base_model_id,
+                        include_tokenizer=False)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="medusa-push-") as tmp:
+        return export(cfg, req, Path(tmp), log=log).pushes

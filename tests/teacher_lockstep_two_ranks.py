@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from medusa_toolkit import distributed as D
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.train import trainer
+from medusa_toolkit.train.teacher import Teacher
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 D.init_distributed()
@@ -21,7 +22,7 @@ ds = trainer.deepspeed_config(cfg)
 ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
 trainer.batch_geometry(ds, D.world_size())
 base, _, keep = trainer.load_frozen_base(cfg, ds, torch.device("cpu"))
-teacher = trainer.Teacher(base, "memory")
+teacher = Teacher(base, "memory")
 ids = torch.arange(1, 9).view(1, 8) * (D.rank() + 1)
 if D.rank() == 0:
     teacher.cache[0] = torch.zeros(8, base.config.hidden_size)  # a cache hit on rank 0 only

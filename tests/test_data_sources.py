@@ -14,8 +14,9 @@ from train_helpers import base_config
 from medusa_toolkit.config import ConfigError, config_from_dict
 from medusa_toolkit.pipeline.stages import run_pipeline
 from medusa_toolkit.prompts import EVAL_DOMAINS, eval_prompts, interleave_domains
-from medusa_toolkit.train import data as data_mod
-from medusa_toolkit.train.magpie import MagpieError, PromptSampling, pre_query_ids, self_prompts
+from medusa_toolkit.train.data import self_prompts, sources
+from medusa_toolkit.train.data import stage as data_mod
+from medusa_toolkit.train.data.self_prompts import PromptSampling, SelfPromptError, pre_query_ids
 
 CHAT_WITH_EOS = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}</s>{% endif %}\n"
@@ -44,9 +45,9 @@ def test_self_prompts_are_seeded_deduplicated_and_every_drop_is_counted():
     base, tok = ascii_talker(eos_bias=-1.0)
     kw = {"system_prompt": None, "temperature": 1.0, "top_p": 1.0, "max_tokens": 48, "batch_size": 8,
           "fits": lambda text: len(text) <= 60}  # fmt: skip
-    a, counts = self_prompts(base, tok, 6, PromptSampling(seed=1, **kw))
-    b, again = self_prompts(base, tok, 6, PromptSampling(seed=1, **kw))
-    c, _ = self_prompts(base, tok, 6, PromptSampling(seed=2, **kw))
+    a, counts = self_prompts.write(base, tok, 6, PromptSampling(seed=1, **kw))
+    b, again = self_prompts.write(base, tok, 6, PromptSampling(seed=1, **kw))
+    c, _ = self_prompts.write(base, tok, 6, PromptSampling(seed=2, **kw))
     assert a == b and counts == again and a != c  # deterministic for a seed, different for another
     assert counts["sampled"] == counts["kept"] + sum(v for k, v in counts.items() if k not in ("sampled", "kept"))
     assert len(a) == counts["kept"] <= 6 and len(set(a)) == len(a)
@@ -56,7 +57,6 @@ def test_self_prompts_are_seeded_deduplicated_and_every_drop_is_counted():
 
 def test_self_prompt_filters_on_scripted_outputs(monkeypatch):
     """Exact and near duplicates, empty, short and unfinished outputs are each dropped and counted."""
-    from medusa_toolkit.train import magpie
 
     tok = byte_tokenizer()
     texts = ["plan a trip to the sea", "Plan a  trip to the SEA!", "plan a trip to the sea please", "hi", "",
@@ -68,10 +68,10 @@ def test_self_prompt_filters_on_scripted_outputs(monkeypatch):
         return [(tok(t, add_special_tokens=False)["input_ids"], True) if t is not None else ([97] * 40, False)
                 for t in texts]  # fmt: skip
 
-    monkeypatch.setattr(magpie, "sample_turns", scripted)
+    monkeypatch.setattr(self_prompts, "sample_turns", scripted)
     how = PromptSampling(system_prompt=None, temperature=1.0, top_p=1.0, max_tokens=40, batch_size=len(texts), seed=0,
                          fits=lambda t: True)  # fmt: skip
-    kept, counts = self_prompts(None, tok, 10, how)
+    kept, counts = self_prompts.write(None, tok, 10, how)
     assert kept == ["plan a trip to the sea", "write a python function that sorts"]
     # 6 rounds of the same 7 outputs (10 prompts asked, at most 4x that sampled): after round 1 every keeper repeats.
     assert counts["sampled"] == 42 and counts["kept"] == 2
@@ -82,7 +82,6 @@ def test_self_prompt_filters_on_scripted_outputs(monkeypatch):
 def test_the_last_round_samples_what_the_keep_rate_says_is_needed(monkeypatch):
     """Once a round has kept most of its rows, the next one is sized to the prompts still missing (plus a margin), not
     a whole batch of which most would be counted as surplus."""
-    from medusa_toolkit.train import magpie
 
     tok = byte_tokenizer()
     rows_asked = []
@@ -94,14 +93,16 @@ def test_the_last_round_samples_what_the_keep_rate_says_is_needed(monkeypatch):
         texts = [f"{words[(seed + i) % 11]} {words[(3 * seed + i) % 11]} {seed} {i}" for i in range(rows)]
         return [(tok(t, add_special_tokens=False)["input_ids"], i > 0) for i, t in enumerate(texts)]
 
-    monkeypatch.setattr(magpie, "sample_turns", scripted)
+    monkeypatch.setattr(self_prompts, "sample_turns", scripted)
     how = PromptSampling(system_prompt=None, temperature=1.0, top_p=1.0, max_tokens=40, batch_size=8, seed=0,
                          fits=lambda t: True)  # fmt: skip
-    kept, counts = self_prompts(None, tok, 10, how)
+    kept, counts = self_prompts.write(None, tok, 10, how)
     # Round 1 keeps 7 of 8; 3 missing at that rate -> ceil(3 * 8 / 7 * 1.2) = 5 rows, not 8.
     assert rows_asked == [8, 5] and len(kept) == 10
     assert counts == {**counts, "sampled": 13, "kept": 10, "unfinished": 2, "surplus": 1}
-    assert magpie.round_size(8, 10, 0, 0) == 8 and magpie.round_size(8, 100, 7, 8) == 8  # nothing kept / far to go
+    assert (
+        self_prompts.round_size(8, 10, 0, 0) == 8 and self_prompts.round_size(8, 100, 7, 8) == 8
+    )  # nothing kept / far to go
 
 
 def test_nucleus_is_generates_top_p_even_when_it_outgrows_the_candidates(monkeypatch):
@@ -109,28 +110,25 @@ def test_nucleus_is_generates_top_p_even_when_it_outgrows_the_candidates(monkeyp
     the candidates and for rows (flat distributions) that need the whole vocabulary; and it returns nothing else."""
     from transformers import TopPLogitsWarper
 
-    from medusa_toolkit.train import magpie
-
-    monkeypatch.setattr(magpie, "NUCLEUS_CANDIDATES", 16)
+    monkeypatch.setattr(self_prompts, "NUCLEUS_CANDIDATES", 16)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 200, generator=g) * torch.tensor([[8.0], [4.0], [0.5], [0.1]])  # peaked ... flat
     for top_p, temperature in ((0.9, 1.0), (0.5, 0.7), (0.999, 1.3)):
         warped = TopPLogitsWarper(top_p)(None, logits / temperature)
         expected = [set(torch.nonzero(row > float("-inf")).flatten().tolist()) for row in warped]
         assert len(expected[0]) < 16 < len(expected[3])  # both paths are exercised
-        probs, index = magpie.nucleus(logits, temperature, top_p)
+        probs, index = self_prompts.nucleus(logits, temperature, top_p)
         assert [set(i[p > 0].tolist()) for p, i in zip(probs, index)] == expected
         for u in torch.linspace(0, 0.9999, 200):
-            tokens = magpie.nucleus_sample(logits, temperature, top_p, u.repeat(4)).tolist()
+            tokens = self_prompts.nucleus_sample(logits, temperature, top_p, u.repeat(4)).tolist()
             assert all(t in nucleus for t, nucleus in zip(tokens, expected))
         most_likely = logits.argmax(-1).tolist()
-        assert magpie.nucleus_sample(logits, temperature, top_p, torch.zeros(4)).tolist() == most_likely
+        assert self_prompts.nucleus_sample(logits, temperature, top_p, torch.zeros(4)).tolist() == most_likely
 
 
 def test_sample_turns_equal_row_by_row_sampling_without_a_cache(monkeypatch):
     """Every row of the batched, cached loop (shared prefix run once, finished rows dropped) is the row sampled alone
     by full forwards from the same uniform numbers; and finished rows really leave the batch."""
-    from medusa_toolkit.train import magpie
 
     base, tok = ascii_talker(eos_bias=1.0)
     prefix, rows, max_tokens, eos = pre_query_ids(tok, None), 6, 24, {EOS}
@@ -138,7 +136,7 @@ def test_sample_turns_equal_row_by_row_sampling_without_a_cache(monkeypatch):
     real_forward = base.forward
     monkeypatch.setattr(base, "forward", lambda *a, **k: widths.append(len(k.get("input_ids", a[0] if a else None)))
                         or real_forward(*a, **k))  # fmt: skip
-    turns = magpie.sample_turns(base, prefix, rows, max_tokens, 0.9, 0.8, eos, seed=5)
+    turns = self_prompts.sample_turns(base, prefix, rows, max_tokens, 0.9, 0.8, eos, seed=5)
     assert widths[0] == 1 and widths[1] == rows and widths[-1] < rows  # the prefix once; then the batch shrinks
     assert any(done for _, done in turns) and any(len(t) > 3 for t, _ in turns)
     g = torch.Generator().manual_seed(5)
@@ -148,7 +146,7 @@ def test_sample_turns_equal_row_by_row_sampling_without_a_cache(monkeypatch):
         for step in range(max_tokens):
             with torch.no_grad():
                 logits = real_forward(torch.tensor([ids])).logits[:, -1]
-            token = int(magpie.nucleus_sample(logits, 0.9, 0.8, uniforms[step][row : row + 1])[0])
+            token = int(self_prompts.nucleus_sample(logits, 0.9, 0.8, uniforms[step][row : row + 1])[0])
             if token in eos:
                 expected_done = True
                 break
@@ -157,13 +155,12 @@ def test_sample_turns_equal_row_by_row_sampling_without_a_cache(monkeypatch):
 
 
 def test_self_prompts_need_a_chat_template():
-    with pytest.raises(MagpieError, match="chat template.*chitchat, file, hf, conversations"):
+    with pytest.raises(SelfPromptError, match="chat template.*chitchat, file, hf, conversations"):
         pre_query_ids(byte_tokenizer(chat_template=False), None)
 
 
 def test_no_prompt_kept_says_why_not_to_raise_the_prompt_length(tmp_path, monkeypatch):
     """Every self-written prompt dropped: the error names the source and its drop reasons, not max_prompt_tokens."""
-    from medusa_toolkit.train import magpie
 
     base, tok = ascii_talker()
     model_dir = tmp_path / "model"
@@ -171,7 +168,7 @@ def test_no_prompt_kept_says_why_not_to_raise_the_prompt_length(tmp_path, monkey
     tok.save_pretrained(model_dir)
     monkeypatch.setattr(data_mod, "load_base_model", lambda *a, **k: (base, tok))
     counts = {"sampled": 8, "kept": 0, "unfinished": 6, "too_short": 2}
-    monkeypatch.setattr(magpie, "self_prompts", lambda *a, **k: ([], counts))
+    monkeypatch.setattr(self_prompts, "write", lambda *a, **k: ([], counts))
     raw = base_config(model_dir)
     raw["data"]["sources"] = [{"source": "self"}]
     with pytest.raises(
@@ -184,7 +181,6 @@ def test_no_prompt_kept_says_why_not_to_raise_the_prompt_length(tmp_path, monkey
 def test_self_sources_steered_by_their_own_system_prompt(tmp_path, monkeypatch):
     """A self source's system_prompt is what the model sees while writing its prompts, never what the answers are
     generated and trained with (data.system_prompt, as served); two self sources write from different seeds."""
-    from medusa_toolkit.train import magpie
 
     base, tok = ascii_talker(eos_bias=-1.0)
     model_dir = tmp_path / "model"
@@ -192,13 +188,13 @@ def test_self_sources_steered_by_their_own_system_prompt(tmp_path, monkeypatch):
     tok.save_pretrained(model_dir)
     monkeypatch.setattr(data_mod, "load_base_model", lambda *a, **k: (base, tok))
     seen = []
-    real = magpie.self_prompts
+    real = self_prompts.write
 
     def spy(model, tokenizer, count, how):
         seen.append((how.system_prompt, how.seed))
         return real(model, tokenizer, count, how)
 
-    monkeypatch.setattr(magpie, "self_prompts", spy)
+    monkeypatch.setattr(self_prompts, "write", spy)
     raw = base_config(model_dir)
     raw["data"].update(sources=[{"source": "self", "max_tokens": 48}, {"source": "self", "max_tokens": 48,
                        "system_prompt": "you write about bees"}], num_prompts=6, max_new_tokens=4, eval_fraction=0.0,
@@ -219,8 +215,8 @@ def test_self_sources_steered_by_their_own_system_prompt(tmp_path, monkeypatch):
 
 
 def test_mixed_sources_honour_their_weights(tmp_path):
-    assert data_mod.source_counts([3.0, 1.0], 8) == [6, 2]
-    assert data_mod.source_counts([1.0, 1.0, 1.0], 10) == [4, 3, 3] and sum(data_mod.source_counts([0.3, 0.7], 7)) == 7
+    assert sources.source_counts([3.0, 1.0], 8) == [6, 2]
+    assert sources.source_counts([1.0, 1.0, 1.0], 10) == [4, 3, 3] and sum(sources.source_counts([0.3, 0.7], 7)) == 7
     model_dir = tiny_model_dir(tmp_path / "model")
     prompts = tmp_path / "mine.txt"
     prompts.write_text("".join(f"my prompt {i}\n" for i in range(20)))
@@ -259,7 +255,7 @@ def test_multi_turn_conversations_are_regenerated_turn_by_turn(tmp_path, monkeyp
     for index, users in ((0, ["abc def", "ghi jab"]), (1, ["bad cafe"])):
         row, replies, pos = rows[index], [], 0
         for turn in range(len(users)):
-            convo = data_mod.Conversation(users, "conversations")
+            convo = sources.Conversation(users, "conversations")
             context = data_mod.render_turns(tok, cfg, convo, replies)
             assert row["input_ids"][: len(context)] == context  # the structure: template, user turns, own replies
             with torch.no_grad():

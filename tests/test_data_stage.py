@@ -15,7 +15,7 @@ from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.model.base_model import load_base_model
 from medusa_toolkit.pipeline.stages import StageRun, run_pipeline
 from medusa_toolkit.prompts import BUILTIN_PROMPTS, render_prompt
-from medusa_toolkit.train import data as data_mod
+from medusa_toolkit.train.data import stage as data_mod
 
 
 @pytest.fixture(scope="module")

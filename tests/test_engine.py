@@ -26,10 +26,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.pipeline.stages import run_pipeline
-from medusa_toolkit.train import engine as engine_mod
-from medusa_toolkit.train.data import base_model_metadata
-from medusa_toolkit.train.engine import EngineError, OpenAIEngine
-from medusa_toolkit.train.magpie import REASONS, PromptSampling, engine_self_prompts
+from medusa_toolkit.train.data import openai_client
+from medusa_toolkit.train.data.openai_client import OpenAIClient, ServerError
+from medusa_toolkit.train.data.self_prompts import REASONS, PromptSampling, write_with_server
+from medusa_toolkit.train.data.stage import base_model_metadata
 
 pytest.importorskip("fastapi", reason="transformers serve needs the transformers[serving] extra (in the dev extras)")
 
@@ -164,12 +164,12 @@ def test_engine_prompts_repeat_for_a_seed_where_the_server_honours_it(writer_ser
     folder, endpoint = writer_served
     cfg = _cfg(folder, sources=[SELF], engine="openai", endpoint=endpoint, engine_model=str(folder), concurrency=1)
     model, tok = base_model_metadata(str(folder))
-    engine = OpenAIEngine(cfg, tok, [tok.convert_tokens_to_ids("<|im_end|>")])
+    engine = OpenAIClient(cfg, tok, [tok.convert_tokens_to_ids("<|im_end|>")])
     kw = {"system_prompt": None, "temperature": 1.0, "top_p": 1.0, "max_tokens": 40, "batch_size": 4,
           "fits": lambda text: True}  # fmt: skip
-    a = engine_self_prompts(engine, tok, 2, PromptSampling(seed=1, **kw))
-    b = engine_self_prompts(engine, tok, 2, PromptSampling(seed=1, **kw))
-    c = engine_self_prompts(engine, tok, 2, PromptSampling(seed=2, **kw))
+    a = write_with_server(engine, tok, 2, PromptSampling(seed=1, **kw))
+    b = write_with_server(engine, tok, 2, PromptSampling(seed=1, **kw))
+    c = write_with_server(engine, tok, 2, PromptSampling(seed=2, **kw))
     assert a == b and a != c
     assert engine.stats.requests == 3 * a[1]["sampled"] and not engine.refused
 
@@ -194,11 +194,11 @@ def test_engine_prompts_from_a_server_that_ignores_stop_or_seed(tmp_path):
 
     cfg = _cfg(folder, sources=[SELF], engine="openai", endpoint="http://engine.test/v1", concurrency=1)
     model, tok = base_model_metadata(str(folder))
-    engine = OpenAIEngine(cfg, tok, [tok.convert_tokens_to_ids("<|im_end|>")])
+    engine = OpenAIClient(cfg, tok, [tok.convert_tokens_to_ids("<|im_end|>")])
     engine.client = httpx.Client(transport=httpx.MockTransport(handler))
     how = PromptSampling(system_prompt=None, temperature=1.0, top_p=1.0, max_tokens=9, batch_size=4, seed=0,
                          fits=lambda text: True)  # fmt: skip
-    kept, counts = engine_self_prompts(engine, tok, 1, how)
+    kept, counts = write_with_server(engine, tok, 1, how)
     assert kept == ["abc de fg"] and engine.refused == {"seed"}
     assert (counts["sampled"], counts["kept"], counts["unfinished"], counts["empty"]) == (4, 1, 2, 1)
     assert all(b["stop"] == ["<|im_end|>"] and b["prompt"] == "<|im_start|>user\n" for b in bodies)
@@ -208,16 +208,16 @@ def test_unreachable_endpoint_and_unknown_model_are_clear_errors(served, tmp_pat
     folder, endpoint = served
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hi there!\n")
-    monkeypatch.setattr(engine_mod.time, "sleep", lambda s: None)  # the retries happen, without the waits
+    monkeypatch.setattr(openai_client.time, "sleep", lambda s: None)  # the retries happen, without the waits
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     cfg = _cfg(folder, prompts, engine="openai", endpoint=f"http://127.0.0.1:{closed}/v1", num_prompts=1)
-    with pytest.raises(EngineError, match="unreachable.*retries"):
+    with pytest.raises(ServerError, match="unreachable.*retries"):
         run_pipeline(cfg, tmp_path / "down", ["data"])
     cfg = _cfg(folder, sources=[SELF], engine="openai", endpoint=f"http://127.0.0.1:{closed}/v1", num_prompts=1)
-    with pytest.raises(EngineError, match="unreachable.*retries"):  # self-written prompts: the same clear line
+    with pytest.raises(ServerError, match="unreachable.*retries"):  # self-written prompts: the same clear line
         run_pipeline(cfg, tmp_path / "down-self", ["data"])
     cfg = _cfg(folder, prompts, engine="openai", endpoint=endpoint, engine_model="no-such/model", num_prompts=1)
-    with pytest.raises(EngineError, match="refused the request.*no-such/model"):
+    with pytest.raises(ServerError, match="refused the request.*no-such/model"):
         run_pipeline(cfg, tmp_path / "wrong", ["data"])

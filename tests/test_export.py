@@ -195,7 +195,7 @@ def bound_settings(heads: MedusaHeads, tree: dict | None) -> dict:
     from medusa_toolkit.model.tree import MedusaTree, tree_digest
 
     tree_sha = tree_digest(MedusaTree.from_paths(tree["paths"], top_k=tree.get("top_k"))) if tree else None
-    return {"heads_sha256": heads.content_hash(), "tree_sha256": tree_sha}
+    return {"heads_sha256": heads.content_digest(), "tree_sha256": tree_sha}
 
 
 def _fake_run(run_dir: Path) -> MedusaHeads:

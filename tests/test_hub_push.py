@@ -86,7 +86,7 @@ def test_cli_push_to_branch_and_pr_and_unverified_refusal(hub_env, tmp_path, cap
     assert export_main([*args, "--push-to-hub", "me/cli"]) == 2
     assert "refusing to push" in capsys.readouterr().err and not hub.state.calls
     report = tmp_path / "report.json"
-    report.write_text(json.dumps({"passed": True, "settings": {"heads_sha256": heads.content_hash()}}))
+    report.write_text(json.dumps({"passed": True, "settings": {"heads_sha256": heads.content_digest()}}))
     rc = export_main(
         [*args, "--push-to-hub", "me/cli", "--verification", str(report), "--revision", "dev", "--commit-message", "v1"]
     )
@@ -95,3 +95,26 @@ def test_cli_push_to_branch_and_pr_and_unverified_refusal(hub_env, tmp_path, cap
     rc = export_main([*args, "--push-to-hub", "me/cli", "--allow-unverified", "--create-pr"])
     assert rc == 0 and hub.state.commits[-1]["rev"] == "refs/pr/1"
     assert "discussions/1" in capsys.readouterr().out
+
+
+def test_heads_push_to_hub_goes_through_exports_package_and_gate(hub_env, tmp_path):
+    """`MedusaHeads.push_to_hub` is medusa-export's medusa package behind its gate: refused without a passing report
+    about these heads, pushed with the model card (and "Not verified") when explicitly allowed, with the report's
+    verdict when one names these heads."""
+    from medusa_toolkit.export.package import ExportError
+
+    torch.manual_seed(0)
+    heads = MedusaHeads(64, 256, 2, 1, base_model_name_or_path="org/base")
+    hub = hub_env(token=TOKEN)
+    with pytest.raises(ExportError, match="refusing to push"):
+        heads.push_to_hub("me/bare")
+    assert not hub.state.commits  # nothing left the machine
+    heads.push_to_hub("me/unverified", allow_unverified=True, log=lambda *a: None)
+    files = hub.state.files("me/unverified")
+    assert {"README.md", "config.json", "medusa_lm_head.safetensors"} <= set(files)
+    assert "Not verified" in files["README.md"].decode()
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"verdict": {"passed": True}, "settings": {"heads_sha256": heads.content_digest()}}))
+    heads.push_to_hub("me/verified", verification=report, log=lambda *a: None)
+    card = hub.state.files("me/verified")["README.md"].decode()
+    assert "Not verified" not in card and "verification.json" in hub.state.files("me/verified")

@@ -12,7 +12,7 @@ from tiny import fitted
 
 from medusa_toolkit.decoding import sampling as sampling_mod
 from medusa_toolkit.decoding.sampling import accept_lossless, logits_processor, medusa_sample, probabilities
-from medusa_toolkit.verify.distribution import check_sampling, parse_sampling_spec
+from medusa_toolkit.verify.sampling_check import check_sampling, parse_sampling_spec
 
 ALPHA = 0.001
 TREE = [[0], [1], [0, 0], [0, 1], [1, 0]]  # depth 2, two children at the root: exercises the residual update

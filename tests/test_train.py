@@ -16,7 +16,7 @@ from train_helpers import base_config, write_permutation_data
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.model.heads import MedusaHeads
 from medusa_toolkit.pipeline.stages import StageRun
-from medusa_toolkit.train import losses, trainer
+from medusa_toolkit.train import checkpoints, losses, trainer
 from medusa_toolkit.train.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny, monkeypatch):
             _run(tmp_path, tiny, "resumed", **common)
     assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text().strip() == "step-0000004"
     # A rerun without --resume must not silently throw the interrupted run away.
-    with pytest.raises(trainer.TrainError, match="--resume to continue"):
+    with pytest.raises(checkpoints.CheckpointError, match="--resume to continue"):
         _run(tmp_path, tiny, "resumed", **common)
     resumed, resumed_out = _run(tmp_path, tiny, "resumed", resume=True, **common)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
@@ -113,7 +113,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny, monkeypatch):
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [3, 6, 8]
     assert [r["tokens"] for r in rows[0]] == [r["tokens"] for r in rows[1]]
     # Resuming a checkpoint of another config is refused.
-    with pytest.raises(trainer.TrainError, match="another config"):
+    with pytest.raises(checkpoints.CheckpointError, match="another config"):
         _run(tmp_path, tiny, "resumed", max_steps=9, resume=True)
 
 

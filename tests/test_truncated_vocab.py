@@ -18,7 +18,7 @@ from medusa_toolkit.export.formats import write_medusa, write_vllm
 from medusa_toolkit.model.heads import MedusaHeads
 from medusa_toolkit.model.medusa_model import MedusaModel
 from medusa_toolkit.pipeline.stages import run_pipeline
-from medusa_toolkit.train.data import frequent_targets
+from medusa_toolkit.train.data.stage import frequent_targets
 from medusa_toolkit.train.losses import MedusaObjective
 
 
@@ -72,7 +72,7 @@ def test_truncated_heads_round_trip_through_every_layout(tmp_path):
         for folder in (ours, vllm, tgi):
             again = MedusaHeads.from_pretrained(folder)
             assert again.token_map.tolist() == token_map and again.head_type == head_type, folder
-            assert again.content_hash() == heads.content_hash(), folder
+            assert again.content_digest() == heads.content_digest(), folder
         cfg = json.loads((vllm / "config.json").read_text())
         tensors = load_file(str(vllm / "model.safetensors"))
         assert cfg["truncated_vocab_size"] == len(token_map) and tensors["token_map"].tolist() == token_map

@@ -134,7 +134,7 @@ def test_push_gate_refuses_a_report_about_other_heads(tmp_path, model_dir, hub_e
     err = capsys.readouterr().err
     data = json.loads(report.read_text())
     assert "refusing to push" in err and data["settings"]["heads_sha256"][:12] in err
-    assert MedusaHeads.from_pretrained(other).content_hash()[:12] in err and not hub.state.calls
+    assert MedusaHeads.from_pretrained(other).content_digest()[:12] in err and not hub.state.calls
     # Retrained heads (same folder, new weights) with the old report: refused too.
     heads_for(model_dir, verified, seed=2)
     assert export_main(["--heads", str(verified), "--out", str(tmp_path / "out-retrained"), *common]) == 2

@@ -1,9 +1,9 @@
-"""Stage `train`: Medusa heads on a frozen base model, trained with a DeepSpeed engine.
+"""Stage `train`: Medusa heads on a frozen base model, trained with a DeepSpeed engine — the recipe, read top to bottom.
 
-The base runs frozen (eval, no grad) to give the last hidden states; only the heads (wrapped with the loss in
-`MedusaObjective`) go into the engine. The data order is a pure function of (seed, step), so a resumed run sees exactly
-the batches an uninterrupted one would: checkpoints hold the DeepSpeed state (heads, optimizer, scheduler), the step
-and every rank's RNG state.
+The base runs frozen (eval, no grad) to give the last hidden states (train.teacher: optionally cached); only the
+heads (wrapped with the loss in `MedusaObjective`) go into the engine. The data order is a pure function of (seed,
+step), so a resumed run sees exactly the batches an uninterrupted one would: checkpoints (train.checkpoints) hold the
+DeepSpeed state (heads, optimizer, scheduler), the step and every rank's RNG state.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +23,17 @@ from medusa_toolkit import distributed as D
 from medusa_toolkit import special_tokens
 from medusa_toolkit.config import ToolkitConfig
 from medusa_toolkit.errors import ToolkitError
-from medusa_toolkit.fingerprint import digest_of
 from medusa_toolkit.model.base_model import load_base_model
 from medusa_toolkit.model.heads import MedusaHeads
 from medusa_toolkit.model.medusa_model import BaseHead
 from medusa_toolkit.pipeline.stages import StageRun
 from medusa_toolkit.run_dir import RunDir
-from medusa_toolkit.train.data import frequent_targets, load_data
+from medusa_toolkit.train.checkpoints import RUN_FILE, Progress, check_checkpoints, load_checkpoint, save_checkpoint
+from medusa_toolkit.train.data.stage import frequent_targets, load_data
 from medusa_toolkit.train.losses import MedusaObjective, target_counts
+from medusa_toolkit.train.teacher import Teacher, make_teacher
 
 SUMMARY = "training_summary.json"
-KEEP_CHECKPOINTS = 2
 
 
 class TrainError(ToolkitError, ValueError):
@@ -110,148 +109,6 @@ def collate(rows: list[dict], max_len: int, device) -> tuple[torch.Tensor, torch
     return ids.to(device), targets.to(device), mask.to(device), [min(len(r["input_ids"]), width) for r in rows]
 
 
-class Teacher:
-    """The frozen base's last hidden states for a batch, optionally cached per sequence (later epochs skip the base).
-
-    cache: False, "memory" (a dict in this process) or "disk" (`DiskCache`: memory-mapped files under the run dir,
-    written once, reused across epochs and --resume). Whether a batch skips the base is decided by all ranks together:
-    under ZeRO-3 the base's forward is a collective, so one rank skipping it alone would hang the others.
-    """
-
-    def __init__(self, base, cache=False, disk: DiskCache | None = None):
-        self.base, self.decoder = base, base.get_decoder()
-        self.cache: dict[int, torch.Tensor] | None = {} if cache == "memory" else None
-        self.disk = disk
-        self.hits = self.misses = 0
-        self.hit_s = self.miss_s = 0.0
-
-    def _has(self, i: int) -> bool:
-        return (self.cache is not None and i in self.cache) or (self.disk is not None and self.disk.has(i))
-
-    def _get(self, i: int) -> torch.Tensor:
-        return self.cache[i] if self.cache is not None else self.disk.get(i)
-
-    @torch.no_grad()
-    def __call__(self, indices: list[int], ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        start = time.perf_counter()
-        caching = self.cache is not None or self.disk is not None
-        if caching and D.all_true(all(self._has(i) for i in indices)):
-            hidden = ids.new_zeros((*ids.shape, self.base.config.hidden_size), dtype=self.base.dtype)
-            for row, i in enumerate(indices):
-                h = self._get(i)[: ids.shape[1]]
-                hidden[row, : h.shape[0]] = h.to(hidden.device)
-            self.hits += 1
-            self.hit_s += time.perf_counter() - start
-            return hidden
-        hidden = self.decoder(input_ids=ids).last_hidden_state
-        for row, (i, n) in enumerate(zip(indices, lengths)):
-            if self.cache is not None and i not in self.cache:
-                self.cache[i] = hidden[row, :n].clone()
-            elif self.disk is not None and not self.disk.has(i):
-                self.disk.put(i, hidden[row, :n])
-        if caching:
-            self.misses += 1
-            self.miss_s += time.perf_counter() - start
-        return hidden
-
-    def report(self) -> dict:
-        """What the cache did this run (for training_summary.json)."""
-        out = {"batches_from_cache": self.hits, "batches_through_base": self.misses}
-        if self.hits and self.misses:
-            hit, miss = self.hit_s / self.hits, self.miss_s / self.misses
-            out.update(s_per_batch_cached=hit, s_per_batch_base=miss, teacher_speedup=miss / max(hit, 1e-9))
-        if self.disk is not None:
-            out.update(path=str(self.disk.root), bytes=self.disk.nbytes(), sequences_cached=self.disk.count())
-        return out
-
-
-class DiskCache:
-    """Last hidden states of every sequence (train, then held-out), memory-mapped from one file under the run dir.
-
-    Layout of `root`: `meta.json` (`teacher_key`: the data and the base; dtype, hidden size, per-sequence lengths),
-    `hidden.bin` (all sequences' rows back to back, [sum(lengths), hidden] in the base's dtype) and `written.bin`
-    (one byte per sequence, set after its rows). Any rank writes the sequences it computed (disjoint regions of a
-    shared file; the run dir must be shared between nodes, as for checkpoints). Another hash, dtype or geometry:
-    rank 0 rebuilds it empty.
-    """
-
-    def __init__(self, root: Path, key: str, lengths: list[int], hidden_size: int, dtype: torch.dtype):
-        self.root = Path(root)
-        self.lengths = lengths
-        self.offsets = [0]
-        for n in lengths:
-            self.offsets.append(self.offsets[-1] + n)
-        meta = {"key": key, "dtype": str(dtype), "hidden_size": hidden_size, "lengths_sha": _sha(lengths)}
-        if D.is_main():
-            try:
-                same = json.loads((self.root / "meta.json").read_text()) == meta
-            except (OSError, ValueError):
-                same = False
-            if not same:
-                shutil.rmtree(self.root, ignore_errors=True)
-                self.root.mkdir(parents=True)
-                elem = torch.empty((), dtype=dtype).element_size()
-                with open(self.root / "hidden.bin", "wb") as f:
-                    f.truncate(max(1, self.offsets[-1] * hidden_size * elem))
-                with open(self.root / "written.bin", "wb") as f:
-                    f.truncate(max(1, len(lengths)))
-                (self.root / "meta.json").write_text(json.dumps(meta) + "\n")
-        D.barrier()
-        numel = max(1, self.offsets[-1] * hidden_size)
-        self.data = torch.from_file(str(self.root / "hidden.bin"), shared=True, size=numel, dtype=dtype)
-        self.written = torch.from_file(str(self.root / "written.bin"), shared=True, size=max(1, len(lengths)),
-                                       dtype=torch.uint8)  # fmt: skip
-        self.hidden_size = hidden_size
-
-    def _rows(self, i: int) -> torch.Tensor:
-        a, b = self.offsets[i], self.offsets[i + 1]
-        return self.data[a * self.hidden_size : b * self.hidden_size].view(b - a, self.hidden_size)
-
-    def has(self, i: int) -> bool:
-        return bool(self.written[i])
-
-    def get(self, i: int) -> torch.Tensor:
-        return self._rows(i)
-
-    def put(self, i: int, hidden: torch.Tensor) -> None:
-        self._rows(i).copy_(hidden.detach().to("cpu", self.data.dtype))
-        self.written[i] = 1  # after the rows: a reader never sees the flag before the data
-
-    def count(self) -> int:
-        return int(self.written.sum())
-
-    def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.iterdir())
-
-
-def _sha(values: list[int]) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
-
-
-def teacher_key(run: StageRun) -> str:
-    """What the base's hidden states depend on: the data artefact's content and the base (weights, dtype, attention).
-    Learning rate, epochs or heads do not change them, so a sweep over those reuses the on-disk cache."""
-    m = run.cfg.model
-    return digest_of(
-        {"data": run.inputs["upstream"]["data"], "base": run.inputs["base_model"], "dtype": m.dtype,
-         "attn": m.attn_implementation}
-    )[:16]  # fmt: skip
-
-
-def make_teacher(run: StageRun, base, train_ds, eval_ds) -> Teacher:
-    """The Teacher for train.teacher_cache; disk: sequence lengths cut to max_seq_len, as `collate` cuts them."""
-    cfg = run.cfg
-    mode = cfg.train.teacher_cache
-    if mode != "disk":
-        return Teacher(base, mode)
-    max_len = cfg.train.max_seq_len
-    lengths = [min(len(r["input_ids"]), max_len) for ds in (train_ds, eval_ds) for r in ds]
-    disk = DiskCache(run.dirs.teacher_cache, teacher_key(run), lengths, base.config.hidden_size, base.dtype)
-    return Teacher(base, False, disk)
-
-
 def build_heads(cfg: ToolkitConfig, base, lm_head_weight: torch.Tensor, train_ds) -> MedusaHeads:
     """New heads initialised from the base's (full, gathered) lm_head weight, or heads.init_from's heads; with
     heads.truncated_vocab_size, scoring the tokens the base emits most often in the training data."""
@@ -285,118 +142,7 @@ def _gathered(engine):
     return contextlib.nullcontext()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: the DeepSpeed state + Progress (step, token counts, metrics so far) + every rank's RNG state
-
-
-@dataclass
-class Progress:
-    """Where training is and what it measured so far. Checkpointed whole, so a resumed run's summary (tokens,
-    tokens/s, metrics history) equals an uninterrupted run's."""
-
-    step: int = 0
-    tokens: int = 0  # sequence tokens of the training batches, all ranks
-    target_tokens: int = 0  # positions with a head-0 target (trained tokens), all ranks
-    train_time_s: float = 0.0  # seconds inside training steps, summed over runs (not loading, not evaluation)
-    epoch_time_s: list[float] = field(default_factory=list)  # the same, per epoch (an epoch: len(train) sequences)
-    history: list[dict] = field(default_factory=list)
-    window: list[list[float]] | None = None  # per-head stats since the last log line, summed over ranks
-    window_tokens: int = 0
-    window_time_s: float = 0.0
-    train_metrics: dict[str, float] = field(default_factory=dict)
-    eval_metrics: dict[str, float] = field(default_factory=dict)
-    # This rank's counts since the last sync (not checkpointed: a checkpoint syncs first).
-    pending: torch.Tensor | None = field(default=None, repr=False)
-    pending_tokens: int = 0
-
-    def add(self, stats: torch.Tensor, tokens: int, seconds: float) -> None:
-        self.pending = stats.detach().clone() if self.pending is None else self.pending + stats.detach()
-        self.pending_tokens += tokens
-        self.train_time_s += seconds
-        self.window_time_s += seconds
-
-    def sync(self) -> None:
-        """Fold every rank's pending counts into the totals (a collective: all ranks call it at the same steps)."""
-        if self.pending is None:
-            return
-        stats = D.all_reduce_sum(self.pending.clone())
-        tokens = int(D.all_reduce_sum(torch.tensor([self.pending_tokens], dtype=torch.float64))[0])
-        self.window = stats.tolist() if self.window is None else (torch.tensor(self.window) + stats.cpu()).tolist()
-        self.window_tokens += tokens
-        self.tokens += tokens
-        self.target_tokens += int(stats[0, 1])
-        self.pending, self.pending_tokens = None, 0
-
-    def state(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("pending", "pending_tokens")}
-
-
-RUN_FILE = "run.json"  # in checkpoints/: which config the checkpoints belong to and how far that run got
-
-
-def save_checkpoint(engine, run_dir: Path, progress: Progress, chash: str, total_steps: int) -> None:
-    """DeepSpeed checkpoint + Progress + every rank's RNG state; keep the newest KEEP_CHECKPOINTS."""
-    from safetensors.torch import save_file
-
-    progress.sync()
-    ckpt = RunDir(run_dir).checkpoints
-    tag = f"step-{progress.step:07d}"
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state={"progress": progress.state(), "config_hash": chash})
-    save_file({"cpu": torch.get_rng_state()}, str(ckpt / tag / f"rng-rank{D.rank()}.safetensors"))
-    D.barrier()
-    if D.is_main():
-        old = sorted(p for p in ckpt.glob("step-*") if p.is_dir())[:-KEEP_CHECKPOINTS]
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
-        info = {"config_hash": chash, "step": progress.step, "total_steps": total_steps}
-        (ckpt / RUN_FILE).write_text(json.dumps(info) + "\n")
-    D.barrier()
-
-
-def load_checkpoint(engine, run_dir: Path, chash: str) -> Progress | None:
-    """Restore the latest checkpoint; None when there is none."""
-    from safetensors.torch import load_file
-
-    ckpt = RunDir(run_dir).checkpoints
-    if not (ckpt / "latest").is_file():
-        return None
-    path, state = engine.load_checkpoint(str(ckpt))
-    if path is None:
-        return None
-    if state.get("config_hash") != chash:
-        raise TrainError(
-            f"the checkpoint in {ckpt} was written by another config (hash {state.get('config_hash')} vs {chash}); "
-            "rerun without --resume to start over, or use the original config"
-        )
-    tag = (ckpt / "latest").read_text().strip()
-    rng = ckpt / tag / f"rng-rank{D.rank()}.safetensors"
-    if rng.is_file():
-        torch.set_rng_state(load_file(str(rng))["cpu"])
-    return Progress(**state["progress"])
-
-
-def check_checkpoints(run_dir: Path, chash: str, resume: bool) -> None:
-    """Before a fresh (not --resume) run: refuse to silently discard an interrupted run of this same config; drop
-    checkpoints of other configs or of finished runs (they can never be resumed by this config)."""
-    ckpt = RunDir(run_dir).checkpoints
-    if resume or not ckpt.exists():
-        return
-    try:
-        info = json.loads((ckpt / RUN_FILE).read_text())
-    except (OSError, ValueError):
-        info = {}
-    if info.get("config_hash") == chash and info.get("step", 0) < info.get("total_steps", 0):
-        raise TrainError(
-            f"{ckpt} holds an interrupted training run of this config (step {info['step']} of "
-            f"{info['total_steps']}): pass --resume to continue it, or --force to discard it and start over"
-        )
-    D.barrier()
-    if D.is_main():
-        shutil.rmtree(ckpt)  # another config's or a finished run's: never resumable by this config
-    D.barrier()
-
-
-def _wandb(cfg: ToolkitConfig, run_dir: Path, chash: str):
+def _wandb(cfg: ToolkitConfig, run_dir: Path, digest: str):
     mode = cfg.logging.wandb_mode
     if not D.is_main() or mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
         return None
@@ -406,7 +152,7 @@ def _wandb(cfg: ToolkitConfig, run_dir: Path, chash: str):
 
     run = wandb.init(
         project=cfg.logging.wandb_project,
-        name=cfg.logging.run_name or f"medusa-{chash}",
+        name=cfg.logging.run_name or f"medusa-{digest}",
         mode=mode,
         dir=str(run_dir),
         config=cfg.to_dict(),
@@ -486,9 +232,9 @@ def setup(run: StageRun) -> Setup:
 
     cfg, run_dir = run.cfg, run.dirs.root
     t = cfg.train
-    chash = run.digest[:16]  # a checkpoint of other inputs is never resumed
+    digest = run.digest[:16]  # a checkpoint of other inputs is never resumed
     ds_config = deepspeed_config(cfg)  # before loading anything: a bad file fails fast
-    check_checkpoints(run_dir, chash, t.resume)
+    check_checkpoints(run_dir, digest, t.resume)
     train_ds, eval_ds = load_data(run_dir)
     if len(train_ds) == 0:
         raise TrainError(f"the data artefact in {run_dir / 'data'} has no training sequences; raise data.num_prompts")
@@ -523,7 +269,7 @@ def setup(run: StageRun) -> Setup:
         )
     return Setup(
         engine, heads, make_teacher(run, base, train_ds, eval_ds), train_ds, eval_ds, device, micro,
-        accum, global_batch, total_steps, chash, zero3_base=zero3_base,
+        accum, global_batch, total_steps, digest, zero3_base=zero3_base,
     )  # fmt: skip
 
 

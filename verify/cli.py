@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "CONFIG: OUTPUT_DIR/heads)")  # fmt: skip
     p.add_argument("--report", default=None, help="write report.json here")
     p.add_argument("--junit", default=None, help="write JUnit XML here")
-    from medusa_toolkit.verify.distribution import add_sampling_arguments
+    from medusa_toolkit.verify.sampling_check import add_sampling_arguments
 
     add_sampling_arguments(p)  # --sampling temperature=0.8,top_p=0.95 --samples N: the lossless-sampling check
     return p
@@ -72,7 +72,7 @@ def run(argv: list[str] | None) -> int:
     heads = heads_argument(args, cfg, "verified")
     require_base(args)
     if args.sampling:
-        from medusa_toolkit.verify.distribution import parse_sampling_spec
+        from medusa_toolkit.verify.sampling_check import parse_sampling_spec
 
         try:
             parse_sampling_spec(args.sampling)  # a bad spec fails before any model loads
@@ -86,7 +86,7 @@ def run(argv: list[str] | None) -> int:
     model, tree = request.load()
     if args.sampling:  # distribution test of Medusa sampling instead of the greedy token-identity check
         from medusa_toolkit.prompts import render_prompt
-        from medusa_toolkit.verify.distribution import run_sampling_cli
+        from medusa_toolkit.verify.sampling_check import run_sampling_cli
 
         prompts, _ = request.prompts()
         ids = [render_prompt(model.tokenizer, p, cfg.data.use_chat_template, cfg.data.system_prompt) for p in prompts]

@@ -7,12 +7,12 @@ report.json (schema_version 2) is `VerifyReport.to_dict()`:
     toolkit_version  str
     created          str, ISO 8601 UTC time
     verdict          {status: "pass" | "fail" | "low_acceptance", passed: bool, exit_code: 0 | 1 | 3, reasons: [str]}
-    settings         {base, base_fingerprint, heads, heads_sha256, tree: {name, paths, num_nodes, depth, top_k},
+    settings         {base, base_identity, heads, heads_sha256, tree: {name, paths, num_nodes, depth, top_k},
                       tree_sha256, dtype, attn_implementation, reference_attn_implementation, device, max_new_tokens,
                       num_prompts, available_prompts, prompts_source, batch_size, strict, tie_tolerance,
                       min_accept_length}
 
-`heads_sha256` (MedusaHeads.content_hash of the heads as loaded, before any dtype cast) and `tree_sha256` (paths and
+`heads_sha256` (MedusaHeads.content_digest of the heads as loaded, before any dtype cast) and `tree_sha256` (paths and
 top-k) name exactly what was verified: medusa-export's push gate and model card accept the report only for heads and a
 tree with the same hashes. `num_prompts` of `available_prompts` were checked.
     summary          {prompts, passed, ties, mismatches, errors, reference_tokens, medusa_tokens, steps,

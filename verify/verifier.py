@@ -331,7 +331,7 @@ def verify_heads(
             bar.set_postfix(status=result.status, accept=f"{result.mean_accept_length:.2f}",
                             tok_s=f"{result.medusa_tokens / result.medusa_time_s:.1f}")  # fmt: skip
     summary = summarize(results, hits)
-    from medusa_toolkit.model.base_model import base_fingerprint
+    from medusa_toolkit.model.base_model import base_identity
     from medusa_toolkit.model.tree import tree_digest
 
     base_name = (settings or {}).get("base")
@@ -340,7 +340,7 @@ def verify_heads(
         **(settings or {}),
         # What this report vouches for, by content: the push gate and the model card check these.
         "heads_sha256": model.heads_sha256, "tree_sha256": tree_digest(tree),
-        "base_fingerprint": base_fingerprint(base_name) if isinstance(base_name, str) else None,
+        "base_fingerprint": base_identity(base_name) if isinstance(base_name, str) else None,
         "tree": {"name": tree.name, "paths": [list(p) for p in tree.paths], "num_nodes": tree.num_nodes,
                  "depth": tree.depth, "top_k": tree.top_k},
         "dtype": dtype, "attn_implementation": attn_implementation, "reference_attn_implementation": "sdpa",

@@ -33,7 +33,7 @@ Acceptance ("typical", Medusa's, LOSSY): candidates are the heads' top-k (the tr
 candidate x is accepted when p(x | path) > min(threshold, alpha * exp(-H(p))) (upstream defaults 0.09, 0.3), the
 longest accepted path wins (ties: highest likelihood) and the bonus is sampled from p at its end. It favours the
 heads' top tokens, so the output distribution differs from the base's (badly at high temperature); use it only when
-speed matters more than the distribution. `verify/distribution.py` measures the difference.
+speed matters more than the distribution. `verify/sampling_check.py` measures the difference.
 """
 
 from __future__ import annotations

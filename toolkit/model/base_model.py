@@ -192,9 +192,9 @@ def check_model_spec(name_or_path: str) -> None:
         raise ModelLoadError(f"{path} exists but is not a Hugging Face model folder (no config.json)")
 
 
-def base_fingerprint(name_or_path: str) -> dict:
+def base_identity(name_or_path: str) -> dict:
     """What identifies the base model's exact weights: content hashes of local files, the cached Hub revision."""
-    from medusa_toolkit.fingerprint import file_digest, path_digest
+    from medusa_toolkit.digest import file_digest, path_digest
 
     if name_or_path in BUILTIN_MODELS:
         try:

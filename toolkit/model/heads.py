@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -191,7 +191,7 @@ class MedusaHeads(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **hub_kwargs) -> MedusaHeads:
-        """Heads from a folder, a weights file or a Hub id, in any layout we know: ours and upstream Medusa
+        """Heads from a folder, a weights file or a Hub id, in any layout we know: the medusa layout (upstream Medusa's)
         (`medusa_lm_head.safetensors`, or a legacy `.pt` read with weights_only), or vLLM's (`model.safetensors`)."""
         tensors, layout, source = heads_io.read(path, **hub_kwargs)
         return cls.from_layout(tensors, layout, source)
@@ -200,8 +200,8 @@ class MedusaHeads(nn.Module):
     def from_tensors(
         cls, tensors: dict[str, torch.Tensor], config: dict | None = None, source: str = "weights"
     ) -> MedusaHeads:
-        """Heads from upstream-layout tensors (`{i}.{j}.linear.weight`, `{i}.{L}.weight`) and an optional config."""
-        return cls.from_layout(*heads_io.upstream_layout(tensors, config, source), source)
+        """Heads from medusa-layout tensors (`{i}.{j}.linear.weight`, `{i}.{L}.weight`) and an optional config."""
+        return cls.from_layout(*heads_io.from_medusa_tensors(tensors, config, source), source)
 
     @classmethod
     def from_layout(cls, tensors: dict[str, torch.Tensor], layout: HeadsLayout, source: str) -> MedusaHeads:
@@ -216,20 +216,31 @@ class MedusaHeads(nn.Module):
             raise HeadsLoadError(f"{source}: the weights do not form complete Medusa heads ({e})") from None
         return heads
 
-    def push_to_hub(self, repo_id: str, *, private: bool = False, commit_message: str | None = None, **push_kwargs):
-        """Save these heads (`save_pretrained` layout) and upload them as one commit to `repo_id` on the Hub.
-
-        Packages with model cards and the vLLM layout come from `medusa-export`; this pushes the bare heads.
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        verification: str | Path | None = None,
+        tree: str | Path | None = None,
+        base_model_id: str | None = None,
+        allow_unverified: bool = False,
+        private: bool = False,
+        commit_message: str | None = None,
+        **push_kwargs: Any,
+    ):
+        """Publish these heads to `repo_id` as `medusa-export --format medusa --push-to-hub` does: the medusa package
+        with its model card, behind the same gate (a passing `verification` report naming exactly these heads, and
+        the `tree` it verified, unless `allow_unverified`, and then the card says "Not verified"). Returns the pushes.
         """
-        import tempfile
+        from medusa_toolkit import entry_points
 
-        from medusa_toolkit.hub import push_folder
+        push_heads = entry_points.load(entry_points.PUSH_HEADS)
+        return push_heads(
+            self, repo_id, verification=verification, tree=tree, base_model_id=base_model_id,
+            allow_unverified=allow_unverified, private=private, commit_message=commit_message, **push_kwargs,
+        )  # fmt: skip
 
-        with tempfile.TemporaryDirectory(prefix="medusa-heads-") as tmp:
-            self.save_pretrained(tmp)
-            return push_folder(tmp, repo_id, private=private, commit_message=commit_message, **push_kwargs)
-
-    def content_hash(self) -> str:
+    def content_digest(self) -> str:
         """sha256 of what these heads compute: their shape and every tensor's dtype, shape and bytes.
 
         A verify report records it, and the push gate and model card accept that report only for heads with the
@@ -247,6 +258,8 @@ class MedusaHeads(nn.Module):
             h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
             h.update(t.flatten().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
+
+    content_hash = content_digest  # its name before the digest/hash naming was unified; existing callers keep working
 
     def check_compatible(self, base: nn.Module) -> None:
         """Raise a clear error when these heads were made for a base of another hidden or vocab size."""

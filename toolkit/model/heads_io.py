@@ -1,12 +1,13 @@
 """Medusa heads on disk: every layout we read and write, in one place.
 
-- ours / upstream Medusa (also what TGI and TensorRT-LLM read): `medusa_lm_head.safetensors` with
-  `{i}.{j}.linear.weight|bias` (residual block j of head i) and `{i}.{L}.weight` (head i's vocab projection).
+- the medusa layout (upstream Medusa's, which we also write, and what TGI and TensorRT-LLM read):
+  `medusa_lm_head.safetensors` with `{i}.{j}.linear.weight|bias` (residual block j of head i) and `{i}.{L}.weight`
+  (head i's vocab projection).
 - upstream's legacy `medusa_lm_head.pt`: read only through `torch.load(weights_only=True)`, never plain unpickling.
 - vLLM's Medusa draft model: `model.safetensors` with `blocks.{i}.layers.{j}.weight|bias` and `lm_heads.{i}.weight`
   (vllm/model_executor/models/medusa.py); with `original_lm_head: true` a single `lm_heads.0` is the base lm_head.
 - a truncated head vocabulary adds a `token_map` tensor (the K token ids the heads score) in every layout: vLLM reads
-  it with `truncated_vocab_size: K` and K-row `lm_heads`; the upstream layout keeps full-vocabulary projections for
+  it with `truncated_vocab_size: K` and K-row `lm_heads`; the medusa layout keeps full-vocabulary projections for
   TGI and TensorRT-LLM (which know no token map) and we cut them back to the map's rows when reading.
 
 The weights are the truth: when a config.json disagrees with them about the number of heads or layers (upstream Hub
@@ -122,7 +123,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read(path: str | Path, **hub_kwargs) -> tuple[dict[str, torch.Tensor], HeadsLayout, str]:
-    """(upstream-layout tensors, layout, source) of heads in a folder, a weights file or a Hub id, in any layout."""
+    """(medusa-layout tensors, layout, source) of heads in a folder, a weights file or a Hub id, in any layout."""
     local = Path(path).expanduser()
     weights_file: Path | None = local if local.is_file() else None
     folder = local.parent if weights_file else resolve_heads_folder(str(path), **hub_kwargs)
@@ -141,11 +142,11 @@ def read(path: str | Path, **hub_kwargs) -> tuple[dict[str, torch.Tensor], Heads
     )
     if is_vllm:
         return (*from_vllm_tensors(tensors, cfg, source), source)
-    return (*upstream_layout(tensors, cfg, source), source)
+    return (*from_medusa_tensors(tensors, cfg, source), source)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Layouts -> (upstream tensors, HeadsLayout)
+# Layouts -> (medusa-layout tensors, HeadsLayout)
 
 
 def strip_key_prefixes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -186,10 +187,10 @@ def infer_layout(tensors: dict[str, torch.Tensor]) -> tuple[int, int, bool]:
     return max(heads) + 1, (max(layers) + 1 if layers else 0), proj
 
 
-def upstream_layout(
+def from_medusa_tensors(
     tensors: dict[str, torch.Tensor], cfg: dict | None, source: str
 ) -> tuple[dict[str, torch.Tensor], HeadsLayout]:
-    """Upstream-layout tensors (any key prefix) and an optional config -> (clean tensors, layout)."""
+    """Medusa-layout tensors (any key prefix) and an optional config -> (clean tensors, layout)."""
     cfg = cfg or {}
     tensors = strip_key_prefixes(tensors)
     token_map = tensors.pop(TOKEN_MAP, None)
@@ -231,7 +232,7 @@ def upstream_layout(
 def from_vllm_tensors(
     tensors: dict[str, torch.Tensor], cfg: dict, source: str
 ) -> tuple[dict[str, torch.Tensor], HeadsLayout]:
-    """vLLM-layout tensors (`blocks.{i}.layers.{j}.*`, `lm_heads.{i}.weight`) -> (upstream tensors, layout)."""
+    """vLLM-layout tensors (`blocks.{i}.layers.{j}.*`, `lm_heads.{i}.weight`) -> (medusa-layout tensors, layout)."""
     tensors = {k.removeprefix("medusa_heads."): v for k, v in tensors.items()}
     token_map = tensors.pop(TOKEN_MAP, None)
     converted: dict[str, torch.Tensor] = {}
@@ -322,10 +323,10 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=dtype or t.dtype).clone().contiguous()
 
 
-def upstream_tensors(
+def medusa_tensors(
     heads: MedusaHeads, lm_head_weight: torch.Tensor | None = None, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """Upstream keys with a full-vocabulary projection for every head (TGI and TensorRT-LLM need one): shared heads get
+    """Medusa-layout keys with a full-vocabulary projection for every head (TGI and TensorRT-LLM need one): shared heads get
     copies of the base lm_head; truncated per-head heads get theirs at the token_map's rows and the base lm_head's
     elsewhere, plus the `token_map` (which we read back; the engines ignore it and score the whole vocabulary)."""
     base = _lm_head_for(heads, lm_head_weight)

@@ -93,7 +93,7 @@ class MedusaModel(nn.Module):
             return
         heads.check_compatible(base)
         # Hashed before the cast below: a verify report names the heads as they are on disk, not in the verify dtype.
-        self.heads_sha256 = heads.content_hash()
+        self.heads_sha256 = heads.content_digest()
         param = next(base.parameters())
         self.heads = heads.to(device=param.device, dtype=param.dtype).eval()
         # Truncated shared heads score the token_map's rows of the base's lm_head: sliced once, not every step.

@@ -20,7 +20,6 @@ renames, and all ranks meet at a barrier afterwards.
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import time
@@ -29,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medusa_toolkit import distributed as D
+from medusa_toolkit import entry_points
 from medusa_toolkit.config import ConfigError, ToolkitConfig
+from medusa_toolkit.digest import digest_of, folder_files, path_digest
 from medusa_toolkit.errors import ToolkitError
-from medusa_toolkit.fingerprint import digest_of, folder_files, path_digest
 from medusa_toolkit.run_dir import RunDir
 from medusa_toolkit.version import __version__
 
@@ -43,27 +43,24 @@ NOT_INPUTS = {("train", "resume"), ("train", "teacher_cache"), ("logging", "prog
 @dataclass(frozen=True)
 class Stage:
     name: str
-    target: str  # "module:function", imported lazily so toolkit never imports train/verify/export at import time
+    target: str  # "module:function" (medusa_toolkit.entry_points), imported when the stage runs
     sections: tuple[str, ...]  # config sections whose values are this stage's inputs
     after: tuple[str, ...]  # earlier stages whose artefacts it reads when present (their hashes feed its own)
     requires: tuple[str, ...] = ()  # earlier stages whose artefacts it cannot run without
 
     def function(self) -> Callable[[StageRun], None]:
-        module, func = self.target.split(":")
-        return getattr(importlib.import_module(module), func)
+        return entry_points.load(self.target)
 
 
+FUNCTIONS = entry_points.STAGE_FUNCTIONS
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("data", "medusa_toolkit.train.data:run_data", ("model", "data"), ()),
-        Stage("train", "medusa_toolkit.train.trainer:run_train", ("model", "heads", "train"), ("data",), ("data",)),
-        Stage("tree", "medusa_toolkit.tuning.stage:run_tree", ("model", "data", "tree"), ("data", "train"),
-              ("train",)),
-        Stage("verify", "medusa_toolkit.verify.verifier:run_verify", ("model", "data", "verify", "tree"),
-              ("train", "tree"), ("train",)),
-        Stage("export", "medusa_toolkit.export.stage:run_export", ("model", "export"), ("train", "tree", "verify"),
-              ("train",)),
+        Stage("data", FUNCTIONS["data"], ("model", "data"), ()),
+        Stage("train", FUNCTIONS["train"], ("model", "heads", "train"), ("data",), ("data",)),
+        Stage("tree", FUNCTIONS["tree"], ("model", "data", "tree"), ("data", "train"), ("train",)),
+        Stage("verify", FUNCTIONS["verify"], ("model", "data", "verify", "tree"), ("train", "tree"), ("train",)),
+        Stage("export", FUNCTIONS["export"], ("model", "export"), ("train", "tree", "verify"), ("train",)),
     )
 }  # fmt: skip
 
@@ -119,7 +116,7 @@ def named_files(cfg: ToolkitConfig, stage: str) -> dict[str, str]:
 
 def stage_inputs(cfg: ToolkitConfig, stage: Stage, run: RunDir) -> dict:
     """Everything a stage's output depends on: config sections, named files' content, upstream artefacts."""
-    from medusa_toolkit.model.base_model import base_fingerprint, resolve_generation_dtype
+    from medusa_toolkit.model.base_model import base_identity, resolve_generation_dtype
 
     cfg_dict = cfg.to_dict()
     for section, key in NOT_INPUTS:
@@ -136,7 +133,7 @@ def stage_inputs(cfg: ToolkitConfig, stage: Stage, run: RunDir) -> dict:
         "stage": stage.name,
         "sections": {s: cfg_dict[s] for s in stage.sections},
         "files": {key: path_digest(path) for key, path in named_files(cfg, stage.name).items()},
-        "base_model": base_fingerprint(cfg.model.name_or_path),
+        "base_model": base_identity(cfg.model.name_or_path),
         # What `auto` resolved to on this machine: data generated in bf16 is not the float32 data.
         "generation_dtype": resolve_generation_dtype(cfg.data.generation_dtype, cfg.model.dtype),
         "upstream": upstream,
@@ -144,7 +141,7 @@ def stage_inputs(cfg: ToolkitConfig, stage: Stage, run: RunDir) -> dict:
     }
 
 
-def input_hash(cfg: ToolkitConfig, stage: Stage, run_dir: str | Path) -> str:
+def input_digest(cfg: ToolkitConfig, stage: Stage, run_dir: str | Path) -> str:
     """The hash of `stage_inputs`: a manifest's `input_hash`."""
     return digest_of(stage_inputs(cfg, stage, RunDir(run_dir)))
 
@@ -192,7 +189,7 @@ def cache_status(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> tuple[bool,
     manifest = read_manifest(folder)
     if manifest is None:
         return False, "no artefact yet"
-    if manifest.get("input_hash") != input_hash(cfg, stage, run_dir):
+    if manifest.get("input_hash") != input_digest(cfg, stage, run_dir):
         return False, "inputs changed"
     changed = changed_files(folder, manifest)
     if changed:

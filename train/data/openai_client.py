@@ -31,7 +31,7 @@ RETRIES = 4
 OPTIONAL_FIELDS = ("return_token_ids", "seed")  # asked for where the server knows them, else left out
 
 
-class EngineError(ToolkitError, RuntimeError):
+class ServerError(ToolkitError, RuntimeError):
     """The serving engine cannot answer (unreachable, refuses the model, bad request); the message names the fix."""
 
 
@@ -48,7 +48,7 @@ class EngineStats:
     errors: list[str] = field(default_factory=list)
 
 
-class OpenAIEngine:
+class OpenAIClient:
     """A client of one OpenAI-compatible endpoint, for greedy or sampled completions of token-id contexts."""
 
     def __init__(self, cfg, tokenizer, eos: list[int]):
@@ -56,7 +56,7 @@ class OpenAIEngine:
 
         d = cfg.data
         if not d.endpoint:
-            raise EngineError("data.engine: openai needs data.endpoint, e.g. http://127.0.0.1:8000/v1")
+            raise ServerError("data.engine: openai needs data.endpoint, e.g. http://127.0.0.1:8000/v1")
         self.url = d.endpoint.rstrip("/") + "/completions"
         self.model = d.engine_model or cfg.model.name_or_path
         self.tokenizer, self.eos = tokenizer, eos
@@ -78,7 +78,7 @@ class OpenAIEngine:
         return urlparse(self.url).netloc
 
     def _post(self, body: dict) -> dict:
-        """One request, retried on connection errors, 5xx and 429; any other HTTP error is an EngineError."""
+        """One request, retried on connection errors, 5xx and 429; any other HTTP error is an ServerError."""
         import httpx
 
         for attempt in range(RETRIES + 1):
@@ -87,7 +87,7 @@ class OpenAIEngine:
                 response = self.client.post(self.url, json=body)
             except httpx.TransportError as e:
                 if attempt == RETRIES:
-                    raise EngineError(
+                    raise ServerError(
                         f"the engine at {self.host} is unreachable ({type(e).__name__}), also after {RETRIES} retries; "
                         "start it or fix data.endpoint (finished shards are kept: rerun to continue)"
                     ) from None
@@ -100,12 +100,12 @@ class OpenAIEngine:
                         self.refused.update(named)
                     continue
                 if response.status_code < 500 and response.status_code != 429:
-                    raise EngineError(
+                    raise ServerError(
                         f"the engine at {self.host} refused the request ({response.status_code}: "
                         f"{response.text.strip()[:300]}); check data.engine_model ({self.model!r}) and the server"
                     )
                 if attempt == RETRIES:
-                    raise EngineError(f"the engine at {self.host} kept failing ({response.status_code}) after retries")
+                    raise ServerError(f"the engine at {self.host} kept failing ({response.status_code}) after retries")
             self._count(retries=1)
             time.sleep(min(0.5 * 2**attempt, 8.0))
         raise AssertionError("unreachable")

@@ -2,10 +2,10 @@
 begins, writes a plausible user message itself. No dataset needed, and the prompts are as diverse as what the model
 expects users to ask (meal plans, code, travel, data questions, ...), which is what the heads must speed up.
 
-Two writers, one filter. In-process (`self_prompts`, data.engine: hf) the base samples a round of prompts with
+Two writers, one filter. In-process (`write`, data.engine: hf) the base samples a round of prompts with
 its own sampling loop (`sample_turns`: seeded per round, finished rows leave the batch, top-p decided among the
 most likely tokens only). Through a serving engine
-(`engine_self_prompts`, data.engine: openai) the same template text goes as a raw prompt to the server's
+(`write_with_server`, data.engine: openai) the same template text goes as a raw prompt to the server's
 `/completions`, one request per prompt, each with its own seed derived from data.seed and stopping at the end-of-turn
 token's text. Either way every sampled prompt then passes `PromptFilter`, every drop counted by reason: unfinished (no
 end of turn within max_tokens), empty, too short (< MIN_WORDS words), too long (> max_prompt_tokens once rendered),
@@ -43,14 +43,14 @@ ROUND_MARGIN = 1.2  # a round sized from the keep rate samples this much more th
 REASONS = ("unfinished", "empty", "too_short", "too_long", "duplicate", "near_duplicate", "surplus")
 
 
-class MagpieError(ToolkitError, ValueError):
+class SelfPromptError(ToolkitError, ValueError):
     """Self-generated prompts are impossible for this base (no chat template)."""
 
 
 def pre_query_text(tokenizer, system_prompt: str | None) -> str:
     """The chat template rendered (as text) up to where the user's message begins, system prompt included."""
     if not getattr(tokenizer, "chat_template", None):
-        raise MagpieError(
+        raise SelfPromptError(
             "data source 'self' needs a chat model: this tokenizer has no chat template, so the model cannot be asked "
             "to write a user turn. Use another source (chitchat, file, hf, conversations) or a chat base"
         )
@@ -233,7 +233,7 @@ def sample_turns(
     return list(zip(tokens, finished))
 
 
-def self_prompts(model, tokenizer, count: int, how: PromptSampling) -> tuple[list[str], dict[str, int]]:
+def write(model, tokenizer, count: int, how: PromptSampling) -> tuple[list[str], dict[str, int]]:
     """`count` user prompts the in-process model writes itself, and the reasons every dropped one was dropped."""
     prefix = pre_query_ids(tokenizer, how.system_prompt)
     eos = set(special_tokens.eos_ids(model))
@@ -247,8 +247,8 @@ def self_prompts(model, tokenizer, count: int, how: PromptSampling) -> tuple[lis
     return _collect(count, how.batch_size, sample_round, how.fits, how.progress)
 
 
-def engine_self_prompts(engine, tokenizer, count: int, how: PromptSampling) -> tuple[list[str], dict[str, int]]:
-    """`count` user prompts the base behind `engine` (an `engine.OpenAIEngine`) writes itself, filtered and counted as
+def write_with_server(engine, tokenizer, count: int, how: PromptSampling) -> tuple[list[str], dict[str, int]]:
+    """`count` user prompts the base behind `engine` (an `engine.OpenAIClient`) writes itself, filtered and counted as
     `self_prompts` does. Request j of round r is seeded with seed * 1_000_003 + r * batch_size + j: a different seed
     for every request, the same ones on every run (whether the server honours them: see the module docstring)."""
     prompt = pre_query_text(tokenizer, how.system_prompt)
