@@ -23,7 +23,7 @@ from medusa_toolkit.pipeline.cli import (
     output_dir,
     run_command,
 )
-from medusa_toolkit.run_dir import RunDir
+from medusa_toolkit.run_dir import RunDir, locked
 
 SHORTCUTS = [
     Shortcut("--format", "export.formats", "package layout(s): medusa, vllm or all", choices=("medusa", "vllm", "all"),
@@ -81,7 +81,8 @@ def run(argv: list[str] | None) -> int:
         heads, run_dir, base_model=base, base_model_id=cfg.export.base_model_id, tree=args.tree,
         verification=args.verification, include_tokenizer=cfg.export.include_tokenizer,
     )  # fmt: skip
-    export(cfg, req, Path(out))
+    with locked(run if not args.out else None, "medusa-export"):  # it writes into the run's export/
+        export(cfg, req, Path(out))
     return 0
 
 

@@ -23,14 +23,30 @@ from medusa_toolkit.pipeline.stages import StageRun
 from medusa_toolkit.run_dir import RunDir
 
 
-def read_json(path: str | Path | None) -> dict | list | None:
-    """A JSON file's content, or None when the path is None or missing."""
+def read_json(
+    path: str | Path | None, what: str = "JSON", kinds: tuple[type, ...] = (dict, list)
+) -> dict | list | None:
+    """A JSON file's content (a `what`: one of `kinds`), or None when the path is None or missing."""
     if path is None or not Path(path).is_file():
         return None
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, kinds):
+        raise ExportError(f"{path} is not a {what} (got a JSON {type(data).__name__})")
+    return data
+
+
+def run_file(path: Path | None, root: Path, skipped: list[str]) -> Path | None:
+    """`path` when it is a regular file inside `root` (a run or heads folder), else None, noted in `skipped`: a link
+    there may point anywhere (a key, a private file), and what a package holds is published as it is."""
+    if path is None or not (path.is_file() or path.is_symlink()):
+        return None
+    if path.is_symlink() or not path.resolve().is_relative_to(root.resolve()):
+        skipped.append(f"{path} (a link)")
+        return None
+    return path
 
 
 def check_push_allowed(inputs: ExportInputs, allow_unverified: bool, source: str = "the run") -> None:
@@ -89,18 +105,64 @@ def load_base_parts(
         return None, None
 
 
-def _tree_record(tree: str | Path | None) -> tuple[dict | None, str | None]:
-    """(tree.json content, its content hash) of a tree file; a bare medusa_choices list is accepted."""
-    data = read_json(tree)
+def _tree_record(tree: str | Path | None) -> tuple[dict | None, MedusaTree | None]:
+    """(tree.json content, the tree) of a tree file; a bare medusa_choices list is accepted."""
+    data = read_json(tree, "tree (medusa_choices paths, or a tree.json mapping)")
     if data is None:
         return None, None
-    if isinstance(data, list):
-        data = {"paths": data, "top_k": max(max(p) for p in data) + 1}
     try:
-        parsed = MedusaTree.from_paths(data.get("paths"), top_k=data.get("top_k"))
+        parsed = (
+            MedusaTree.from_paths(data)
+            if isinstance(data, list)
+            else MedusaTree.from_paths(data.get("paths"), top_k=data.get("top_k"))
+        )
     except TreeError as e:
         raise ExportError(f"{tree}: {e}") from None
-    return data, tree_digest(parsed)
+    if not parsed.paths:  # the tuner's own fallback when no tree paid: valid, and worth saying
+        warnings.warn(f"{tree}: the tree has no paths: engines that read it decode without speculation", stacklevel=2)
+    if isinstance(data, list):
+        data = {"paths": [list(p) for p in parsed.paths], "top_k": parsed.top_k}
+    return data, parsed
+
+
+def check_fits(heads: MedusaHeads, base: str | None, tree: MedusaTree | None, log: Callable = print) -> None:
+    """What a package holds must load and decode: heads without nan/inf, heads that fit the base's hidden size and
+    vocabulary, a tree no deeper than the heads and with ranks inside their vocabulary. Checked before anything is
+    written or pushed; the base is read from its config.json only."""
+    bad = heads.nonfinite()
+    if bad:
+        raise ExportError(f"the heads hold nan or inf ({', '.join(bad[:3])}): they come from a training run that "
+                          "diverged; retrain them (lower train.learning_rate); nothing was written")  # fmt: skip
+    if tree is not None:
+        if tree.depth > heads.num_heads:
+            raise ExportError(f"the tree is {tree.depth} deep but these heads number {heads.num_heads}: pass a tree "
+                              f"of depth <= {heads.num_heads} (--tree)")  # fmt: skip
+        if tree.top_k > heads.head_vocab_size:
+            raise ExportError(f"the tree draws the top-{tree.top_k} candidates of heads that score "
+                              f"{heads.head_vocab_size} tokens: pass a tree with smaller ranks (--tree)")  # fmt: skip
+    config = base_config(base) if base else None
+    if config is None:
+        log(f"[export] could not read the config of the base {base!r}: the heads were not checked against it")
+        return
+    hidden, vocab = getattr(config, "hidden_size", None), getattr(config, "vocab_size", None)
+    c = heads.config
+    if (hidden, vocab) != (c.hidden_size, c.vocab_size):
+        raise ExportError(
+            f"these heads do not fit the base {base}: heads hidden {c.hidden_size}, vocab {c.vocab_size}; base hidden "
+            f"{hidden}, vocab {vocab}. Pass the base they were trained on (--base-model) or other heads"
+        )
+
+
+def base_config(base: str):
+    """The base's transformers config (config.json only, offline), or None when it cannot be read here."""
+    try:
+        from transformers import AutoConfig
+
+        from medusa_toolkit.model.base_model import resolve_model_path
+
+        return AutoConfig.from_pretrained(resolve_model_path(base))
+    except Exception:  # a Hub base that is not cached, a folder without config: not checkable here
+        return None
 
 
 @dataclass
@@ -131,16 +193,22 @@ def gather_inputs(req: ExportRequest, *, push: bool = False, allow_unverified: b
         raise ExportError(f"tree file not found: {req.tree}")
     if req.verification and not Path(req.verification).is_file():
         raise ExportError(f"verification report not found: {req.verification}")
-    tree_path = Path(req.tree) if req.tree else (run.tree_file if run else None)
-    report_path = Path(req.verification) if req.verification else (run.report if run else None)
-    tree_data, tree_sha = _tree_record(tree_path)
+    # Files the user named are read as named; what is picked up from the run and heads folders must live there.
+    skipped: list[str] = []
+    tree_path = Path(req.tree) if req.tree else (run_file(run.tree_file, run.root, skipped) if run else None)
+    report_path = (
+        Path(req.verification) if req.verification else (run_file(run.report, run.root, skipped) if run else None)
+    )
+    tree_data, tree = _tree_record(tree_path)
     base = req.base_model or heads.config.base_model_name_or_path
+    check_fits(heads, base, tree, log)
     hub_id = base_hub_id(req.base_model_id) or base_hub_id(base)
     if req.base_model_id and not base_hub_id(req.base_model_id):
         raise ExportError(f"--base-model-id {req.base_model_id!r} is not a Hub id; use ORG/NAME")
     inputs = ExportInputs(
-        heads=heads, base_model=base, base_model_hub_id=hub_id, tree=tree_data, tree_sha256=tree_sha,
-        heads_sha256=heads.content_digest(), verification=read_json(report_path),
+        heads=heads, base_model=base, base_model_hub_id=hub_id, tree=tree_data,
+        tree_sha256=tree_digest(tree) if tree is not None else None, heads_sha256=heads.content_digest(),
+        verification=read_json(report_path, "verify report (a JSON object)", (dict,)),
     )  # fmt: skip
     if push:
         if hub_id is None:
@@ -156,16 +224,19 @@ def gather_inputs(req: ExportRequest, *, push: bool = False, allow_unverified: b
             stacklevel=2,
         )
     plots = []
-    for folder in [heads_dir, run.tree if run else None, run.verify if run else None]:
+    for folder, root in [(heads_dir, heads_dir), *([(run.tree, run.root), (run.verify, run.root)] if run else [])]:
         if folder is not None and folder.is_dir():
-            plots += sorted(folder.glob("*.png"))
-    config_path = run.config if run else None
+            plots += [p for p in sorted(folder.glob("*.png")) if run_file(p, root, skipped)]
+    config_path = run_file(run.config, run.root, skipped) if run else None
+    summary_path = run_file(heads_dir / "training_summary.json", heads_dir, skipped) if heads_dir else None
+    if skipped:
+        log(f"[export] left out of the packages, links may point anywhere: {', '.join(skipped)}")
     inputs.lm_head_weight, tokenizer = load_base_parts(
         base, heads.head_type == "shared_lm_head", req.include_tokenizer, log
     )
     inputs.tokenizer = tokenizer if req.include_tokenizer else None
-    inputs.training_summary = read_json(heads_dir / "training_summary.json") if heads_dir else None
-    inputs.config_yaml = config_path.read_text() if config_path and config_path.is_file() else None
+    inputs.training_summary = read_json(summary_path, "training summary (a JSON object)", (dict,))
+    inputs.config_yaml = config_path.read_text() if config_path else None
     inputs.plots = plots
     return inputs
 
@@ -201,8 +272,11 @@ class Exported:
     pushes: list[PushResult]
 
 
-def export(cfg: ToolkitConfig, req: ExportRequest, out_dir: Path, log: Callable = print) -> Exported:
-    """Write the configured packages into out_dir (and push them when export.push_to_hub is set)."""
+def export(
+    cfg: ToolkitConfig, req: ExportRequest, out_dir: Path, log: Callable = print, final_dir: Path | None = None
+) -> Exported:
+    """Write the configured packages into out_dir (and push them when export.push_to_hub is set). `final_dir`: where
+    out_dir ends up (the stage writes into the runner's temp folder), for the log."""
     from medusa_toolkit.model.base_model import resolve_dtype
 
     ex = cfg.export
@@ -214,7 +288,7 @@ def export(cfg: ToolkitConfig, req: ExportRequest, out_dir: Path, log: Callable 
     dtype = resolve_dtype(ex.dtype) if ex.dtype else None
     folders = export_packages(inputs, out_dir, formats, dtype=dtype, repo_id=ex.push_to_hub)
     for fmt, folder in folders.items():
-        log(f"[export] {fmt} package: {folder}")
+        log(f"[export] {fmt} package: {Path(final_dir or out_dir) / folder.name}")
     pushes = []
     if ex.push_to_hub:
         pushes = push_packages(
@@ -235,7 +309,7 @@ def run_export(run: StageRun) -> None:
         run.dirs.heads, run.dirs, base_model=cfg.model.name_or_path, base_model_id=cfg.export.base_model_id,
         include_tokenizer=cfg.export.include_tokenizer,
     )  # fmt: skip
-    export(cfg, req, run.out)
+    export(cfg, req, run.out, final_dir=run.dirs.export)
 
 
 def push_heads(

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+)
 
 from medusa_toolkit.errors import ToolkitError
 
@@ -42,8 +51,25 @@ def _number(value: Any) -> Any:
     return value
 
 
-Float = Annotated[float, BeforeValidator(_number)]
+# Finite floats only: `.inf` or `nan` as an epoch count, a learning rate or a tolerance is never meant.
+Float = Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
+
+
+def _hub_id(value: str) -> str:
+    """A Hub repo id ORG/NAME, as huggingface_hub validates it (a push to anything else fails only at the end)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        if value.count("/") != 1:
+            raise HFValidationError("it needs exactly one '/'")
+        validate_repo_id(value)
+    except HFValidationError as e:
+        raise ValueError(f"{value!r} is not a Hub repo id ORG/NAME (e.g. my-org/smollm2-medusa): {e}") from None
+    return value
+
+
+HubId = Annotated[str, AfterValidator(_hub_id)]
 
 
 class Section(BaseModel):
@@ -149,7 +175,8 @@ class TrainConfig(Section):
     micro_batch_size: PositiveInt = 8
     gradient_accumulation_steps: PositiveInt = 1
     max_seq_len: PositiveInt = 512
-    learning_rate: Annotated[Float, Field(gt=0.0)] = 1e-3
+    # AdamW's peak step size; above 1 every head weight goes to inf/nan within a few steps.
+    learning_rate: Annotated[Float, Field(gt=0.0, le=1.0)] = 1e-3
     weight_decay: Annotated[Float, Field(ge=0.0)] = 0.0
     warmup_ratio: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.05
     min_lr_ratio: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.0
@@ -159,7 +186,7 @@ class TrainConfig(Section):
     kl_temperature: Annotated[Float, Field(gt=0.0)] = 1.0
     kl_top_k: PositiveInt | None = None
     # Per-head loss weight decay**k (Medusa-2).
-    head_weight_decay: Annotated[Float, Field(gt=0.0)] = 0.8
+    head_weight_decay: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.8
     # Keep the frozen base's last hidden states per sequence after their first use, so later epochs and evals skip the
     # base forward: false (off), memory (this process's RAM), or disk (memory-mapped files under RUN_DIR/teacher_cache,
     # written once, reused across epochs and --resume, rebuilt when the train stage's inputs change). The kl teacher
@@ -242,10 +269,10 @@ class ExportConfig(Section):
         default_factory=lambda: ["medusa", "vllm"]
     )
     # ORG/NAME to push the medusa package to (the vllm package goes to ORG/NAME-vllm); null: no push.
-    push_to_hub: str | None = None
+    push_to_hub: HubId | None = None
     # Hub id of the base written into the packages (engines load the base by it); null: model.name_or_path when it
     # is a Hub id or a builtin alias. Required to push heads of a base given as a local folder or file.
-    base_model_id: str | None = None
+    base_model_id: HubId | None = None
     private: StrictBool = False
     # Branch to push to (created if missing); null: main.
     revision: str | None = None
@@ -347,6 +374,10 @@ def _explain(err: dict) -> str:
     if kind in bounds:
         limit = next(iter(ctx.values()))
         return f"config key '{path}': must be {bounds[kind]} {limit}, got {value!r}"
+    if kind == "value_error":  # our validators word their own messages
+        return f"config key '{path}': {err['msg'].removeprefix('Value error, ')}"
+    if kind == "finite_number":
+        return f"config key '{path}': must be a finite number, got {value!r}"
     if kind == "too_short":
         return f"config key '{path}': must not be empty (name at least one), got {value!r}"
     expected = {"int": "int", "float": "float (e.g. 1e-3)", "bool": "true or false", "string": "a string"}

@@ -15,6 +15,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from medusa_toolkit.errors import ToolkitError
+
+
+class DistributedSetupError(ToolkitError, RuntimeError):
+    """The process group cannot start (a port in use, an unreachable master); the message says what to change."""
+
+
 # A first JIT build of DeepSpeed's CPU communication op takes about a minute; a build lock this old was left by a build
 # that was killed (SIGTERM/SIGKILL skip torch's cleanup), and torch's FileBaton would wait on it forever.
 STALE_BUILD_LOCK_S = 600
@@ -61,7 +68,14 @@ def init_distributed() -> None:
         # Before anything allocates: a ZeRO-3 base is partitioned onto the *current* device at from_pretrained.
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    try:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    except dist.DistNetworkError as e:  # e.g. MASTER_PORT taken by another process: the user's setting, not a bug
+        raise DistributedSetupError(
+            f"could not start the process group at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+            f"({str(e).strip().splitlines()[-1][:200]}); pick a free port (MASTER_PORT, --master_port) or unset the "
+            "launcher variables (RANK, WORLD_SIZE, MASTER_PORT) for a plain run"
+        ) from None
 
 
 def rank() -> int:
@@ -103,3 +117,12 @@ def all_true(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device() if dist.get_backend() == "nccl" else None)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's `obj` on every rank (a collective); the object itself for a world of one."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

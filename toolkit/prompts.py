@@ -245,6 +245,14 @@ def load_prompts(
         prompts = prompts[:num]
     if not prompts:
         raise PromptError(f"no prompts found in {path or source}")
+    for i, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # e.g. a lone surrogate from a JSON "\ud800" escape: no tokenizer takes it
+            raise PromptError(
+                f"prompt {i} of {path or source} is not valid text ({e.reason} at character {e.start}: "
+                f"{p[max(0, e.start - 20) : e.start]!r}...); fix the file's encoding or drop that prompt"
+            ) from None
     return prompts
 
 

@@ -12,7 +12,6 @@ import torch
 
 from medusa_toolkit import distributed as D
 from medusa_toolkit.errors import ToolkitError
-from medusa_toolkit.run_dir import RunDir
 
 KEEP_CHECKPOINTS = 2
 
@@ -63,66 +62,105 @@ class Progress:
         return {k: v for k, v in asdict(self).items() if k not in ("pending", "pending_tokens")}
 
 
-RUN_FILE = "run.json"  # in checkpoints/: which config the checkpoints belong to and how far that run got
+RUN_FILE = "run.json"  # in checkpoints/: which inputs the checkpoints belong to and how far that run got
 
 
-def save_checkpoint(engine, run_dir: Path, progress: Progress, digest: str, total_steps: int) -> None:
-    """DeepSpeed checkpoint + Progress + every rank's RNG state; keep the newest KEEP_CHECKPOINTS."""
+def save_checkpoint(
+    engine, folder: Path, progress: Progress, digest: str, total_steps: int, settings: dict | None = None
+) -> None:
+    """DeepSpeed checkpoint + Progress + every rank's RNG state; keep the newest KEEP_CHECKPOINTS. `digest` (the train
+    stage's input digest) and `settings` (what it covers) are recorded, so a later run knows whose checkpoints they are."""
     from safetensors.torch import save_file
 
     progress.sync()
-    ckpt = RunDir(run_dir).checkpoints
+    folder = Path(folder)
     tag = f"step-{progress.step:07d}"
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state={"progress": progress.state(), "config_hash": digest})
-    save_file({"cpu": torch.get_rng_state()}, str(ckpt / tag / f"rng-rank{D.rank()}.safetensors"))
+    engine.save_checkpoint(str(folder), tag=tag, client_state={"progress": progress.state(), "config_hash": digest})
+    save_file({"cpu": torch.get_rng_state()}, str(folder / tag / f"rng-rank{D.rank()}.safetensors"))
     D.barrier()
     if D.is_main():
-        old = sorted(p for p in ckpt.glob("step-*") if p.is_dir())[:-KEEP_CHECKPOINTS]
+        old = sorted(p for p in folder.glob("step-*") if p.is_dir())[:-KEEP_CHECKPOINTS]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
-        info = {"config_hash": digest, "step": progress.step, "total_steps": total_steps}
-        (ckpt / RUN_FILE).write_text(json.dumps(info) + "\n")
+        write_run_info(folder, digest, progress.step, total_steps, settings)
     D.barrier()
 
 
-def load_checkpoint(engine, run_dir: Path, digest: str) -> Progress | None:
+def write_run_info(folder: Path, digest: str, step: int, total_steps: int, settings: dict | None) -> None:
+    """checkpoints/run.json: whose checkpoints these are and how far that run got (step == total_steps: finished)."""
+    info = {"config_hash": digest, "step": step, "total_steps": total_steps, "settings": settings}
+    (Path(folder) / RUN_FILE).write_text(json.dumps(info) + "\n")
+
+
+def load_checkpoint(engine, folder: Path, digest: str) -> Progress | None:
     """Restore the latest checkpoint; None when there is none."""
     from safetensors.torch import load_file
 
-    ckpt = RunDir(run_dir).checkpoints
-    if not (ckpt / "latest").is_file():
+    folder = Path(folder)
+    if not (folder / "latest").is_file():
         return None
-    path, state = engine.load_checkpoint(str(ckpt))
+    path, state = engine.load_checkpoint(str(folder))
     if path is None:
         return None
     if state.get("config_hash") != digest:
         raise CheckpointError(
-            f"the checkpoint in {ckpt} was written by another config (hash {state.get('config_hash')} vs {digest}); "
+            f"the checkpoint in {folder} was written by another config (hash {state.get('config_hash')} vs {digest}); "
             "rerun without --resume to start over, or use the original config"
         )
-    tag = (ckpt / "latest").read_text().strip()
-    rng = ckpt / tag / f"rng-rank{D.rank()}.safetensors"
+    tag = (folder / "latest").read_text().strip()
+    rng = folder / tag / f"rng-rank{D.rank()}.safetensors"
     if rng.is_file():
         torch.set_rng_state(load_file(str(rng))["cpu"])
     return Progress(**state["progress"])
 
 
-def check_checkpoints(run_dir: Path, digest: str, resume: bool) -> None:
-    """Before a fresh (not --resume) run: refuse to silently discard an interrupted run of this same config; drop
-    checkpoints of other configs or of finished runs (they can never be resumed by this config)."""
-    ckpt = RunDir(run_dir).checkpoints
-    if resume or not ckpt.exists():
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def settings_diff(old: dict | None, new: dict | None, limit: int = 4) -> str:
+    """What changed between two recorded settings, as `key: old -> new` (the first few)."""
+    if not old:
+        return "its settings were not recorded"
+    a, b = _flat(old), _flat(new or {})
+    changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not changed:
+        return "the same settings, other inputs (data or base model)"
+    more = f" (+{len(changed) - limit} more)" if len(changed) > limit else ""
+    return "; ".join(changed[:limit]) + more
+
+
+def check_checkpoints(
+    folder: Path, digest: str, settings: dict | None, resume: bool, force: bool = False, log=print
+) -> None:
+    """Before a fresh (not --resume) run: an interrupted run's checkpoints are never discarded silently, whatever
+    config wrote them (this one: pass --resume or --force; another: the message says what changed, --force discards
+    them). A finished run's checkpoints can never be resumed, so they are removed, and the log says so."""
+    folder = Path(folder)
+    if resume or not folder.exists():
         return
     try:
-        info = json.loads((ckpt / RUN_FILE).read_text())
+        info = json.loads((folder / RUN_FILE).read_text())
     except (OSError, ValueError):
         info = {}
-    if info.get("config_hash") == digest and info.get("step", 0) < info.get("total_steps", 0):
+    unfinished = info.get("step", 0) < info.get("total_steps", 0)
+    if unfinished and not force:
+        where = f"{folder} holds an interrupted training run (step {info['step']} of {info['total_steps']})"
+        if info.get("config_hash") == digest:
+            raise CheckpointError(f"{where} of this config: pass --resume to continue it, or --force to discard it "
+                                  "and start over")  # fmt: skip
         raise CheckpointError(
-            f"{ckpt} holds an interrupted training run of this config (step {info['step']} of "
-            f"{info['total_steps']}): pass --resume to continue it, or --force to discard it and start over"
+            f"{where} of other settings ({settings_diff(info.get('settings'), settings)}): pass --force to discard "
+            "it and train with these settings, or rerun with its settings and --resume"
         )
     D.barrier()
     if D.is_main():
-        shutil.rmtree(ckpt)  # another config's or a finished run's: never resumable by this config
+        shutil.rmtree(folder)  # never resumable by this run
+        why = "--force" if unfinished else "a finished run's, never resumed"
+        log(f"[train] removed the checkpoints in {folder} ({why})")
     D.barrier()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -39,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "verify.min_accept_length, 130 interrupted.",
     )
     add_config_arguments(p, SHORTCUTS, required=True)
-    p.add_argument("--force", action="store_true", help="rerun stages even when cached (a training run starts over)")
+    p.add_argument("--force", action="store_true", help="rerun stages even when cached (an interrupted training run's "
+                   "checkpoints are discarded and training starts over)")  # fmt: skip
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 
@@ -68,11 +68,6 @@ def run(argv: list[str] | None = None) -> int:
     D.init_distributed()
     log = print if D.is_main() else (lambda *a, **k: None)
     run_dir = Path(cfg.output_dir)
-    checkpoints = RunDir(run_dir).checkpoints
-    if args.force and "train" in cfg.stages and D.is_main() and checkpoints.exists():
-        shutil.rmtree(checkpoints)  # --force: training starts over
-        log(f"[train] --force: removed the checkpoints in {checkpoints}")
-    D.barrier()
     try:
         run_pipeline(cfg, run_dir, cfg.stages, force=args.force, log=log)
     except ToolkitError as e:

@@ -27,8 +27,13 @@ from medusa_toolkit.model.base_model import load_base_model
 from medusa_toolkit.model.heads import MedusaHeads
 from medusa_toolkit.model.medusa_model import BaseHead
 from medusa_toolkit.pipeline.stages import StageRun
-from medusa_toolkit.run_dir import RunDir
-from medusa_toolkit.train.checkpoints import RUN_FILE, Progress, check_checkpoints, load_checkpoint, save_checkpoint
+from medusa_toolkit.train.checkpoints import (
+    Progress,
+    check_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    write_run_info,
+)
 from medusa_toolkit.train.data.stage import frequent_targets, load_data
 from medusa_toolkit.train.losses import MedusaObjective, target_counts
 from medusa_toolkit.train.teacher import Teacher, make_teacher
@@ -121,6 +126,12 @@ def build_heads(cfg: ToolkitConfig, base, lm_head_weight: torch.Tensor, train_ds
                 f"heads.init_from {h.init_from} has truncated_vocab_size={heads.config.truncated_vocab_size}, the "
                 f"config asks for {h.truncated_vocab_size}; set heads.truncated_vocab_size to null or to theirs"
             )
+        mine = {"num_heads": h.num_heads, "num_layers": h.num_layers, "head_type": h.head_type}
+        theirs = {"num_heads": heads.num_heads, "num_layers": heads.num_layers, "head_type": heads.head_type}
+        conflicts = [f"heads.{k} is {mine[k]!r}, {h.init_from} has {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+        if conflicts:  # checked before any work for a local folder (pipeline.check_inputs); here for a Hub id
+            raise TrainError(f"heads.init_from does not match the heads configured: {'; '.join(conflicts)}")
+        heads.config.base_model_name_or_path = cfg.model.name_or_path  # trained on this base now, whatever they were
         return heads
     vocab, hidden = lm_head_weight.shape
     token_map = None
@@ -234,7 +245,7 @@ def setup(run: StageRun) -> Setup:
     t = cfg.train
     digest = run.digest[:16]  # a checkpoint of other inputs is never resumed
     ds_config = deepspeed_config(cfg)  # before loading anything: a bad file fails fast
-    check_checkpoints(run_dir, digest, t.resume)
+    check_checkpoints(run.dirs.checkpoints, digest, run.inputs["sections"], t.resume, run.force)
     train_ds, eval_ds = load_data(run_dir)
     if len(train_ds) == 0:
         raise TrainError(f"the data artefact in {run_dir / 'data'} has no training sequences; raise data.num_prompts")
@@ -369,6 +380,13 @@ def train_step(s: Setup, cfg: ToolkitConfig, progress: Progress) -> None:
         s.engine.step()
         stats = micro_stats if stats is None else stats + micro_stats
         tokens += sum(lengths)
+    # Every rank decides together (a rank stopping alone would hang the others at the next collective).
+    if not D.all_true(bool(torch.isfinite(stats).all())):
+        lr = s.engine.get_lr()[0]
+        raise TrainError(
+            f"training diverged at step {progress.step + 1}: a head's loss is nan or inf (learning rate {lr:.3g}); "
+            "lower train.learning_rate (or raise train.warmup_ratio) and rerun; no heads were written"
+        )
     progress.step += 1
     seconds = time.perf_counter() - start
     epoch = (progress.step - 1) * s.global_batch // len(s.train_ds)
@@ -405,6 +423,10 @@ def save_heads(
     with _gathered(s.engine):
         final = MedusaHeads(**_heads_args(s.heads))
         final.load_state_dict({k: v.detach().float().cpu() for k, v in s.heads.state_dict().items()})
+    bad = final.nonfinite()
+    if bad:
+        raise TrainError(f"the trained heads hold nan or inf ({', '.join(bad[:3])}); lower train.learning_rate and "
+                         "rerun; they were not written")  # fmt: skip
     if D.is_main() and out_dir is not None:
         final.save_pretrained(out_dir)
         summary = {
@@ -448,7 +470,8 @@ def train(run: StageRun) -> MedusaHeads:
     cfg, run_dir, out_dir, t, start_time = run.cfg, run.dirs.root, run.out, run.cfg.train, time.time()
     s = setup(run)
     try:
-        progress = (load_checkpoint(s.engine, run_dir, s.config_hash) if t.resume else None) or Progress()
+        checkpoints = run.dirs.checkpoints
+        progress = (load_checkpoint(s.engine, checkpoints, s.config_hash) if t.resume else None) or Progress()
         if progress.step and D.is_main():
             print(f"[train] resumed from step {progress.step} of {s.total_steps}")
         wandb_run = _wandb(cfg, run_dir, s.config_hash)
@@ -461,12 +484,10 @@ def train(run: StageRun) -> MedusaHeads:
                 log_and_evaluate(s, cfg, progress, wandb_run, bar)
             bar.update(1)
             if done % t.checkpoint_every == 0 and done < s.total_steps:
-                save_checkpoint(s.engine, run_dir, progress, s.config_hash, s.total_steps)
+                save_checkpoint(s.engine, checkpoints, progress, s.config_hash, s.total_steps, run.inputs["sections"])
         bar.close()
-        if D.is_main() and RunDir(run_dir).checkpoints.exists():  # finished: nothing left to resume
-            (RunDir(run_dir).checkpoints / RUN_FILE).write_text(
-                json.dumps({"config_hash": s.config_hash, "step": s.total_steps, "total_steps": s.total_steps}) + "\n"
-            )
+        if D.is_main() and checkpoints.exists():  # finished: nothing left to resume
+            write_run_info(checkpoints, s.config_hash, s.total_steps, s.total_steps, run.inputs["sections"])
         final = save_heads(s, cfg, progress, out_dir, start_time)
         if wandb_run is not None:
             wandb_run.finish()

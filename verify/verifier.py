@@ -246,9 +246,14 @@ def summarize(results: list[PromptResult], hits: torch.Tensor) -> dict:
     }
 
 
-def decide(summary: dict, strict: bool = False, min_accept_length: float | None = None) -> dict:
-    """The verdict: exit 1 on any mismatch/error (or tie under strict), else 3 when acceptance is too low, else 0."""
+def decide(
+    summary: dict, strict: bool = False, min_accept_length: float | None = None, nonfinite: list[str] = ()
+) -> dict:
+    """The verdict: exit 1 on any mismatch/error (or tie under strict) or heads holding nan/inf (decoding stays exact
+    with such heads, but they must never ship), else 3 when acceptance is too low, else 0."""
     reasons = []
+    if nonfinite:
+        reasons.append(f"the heads hold nan or inf ({', '.join(nonfinite[:3])}): a diverged training run; retrain them")
     if summary["mismatches"]:
         reasons.append(f"{summary['mismatches']} prompt(s) diverge from the base model's greedy output (MISMATCH)")
     if summary["errors"]:
@@ -287,11 +292,10 @@ def verify_heads(
     """
     from tqdm.auto import tqdm
 
-    from medusa_toolkit.decoding.generate import use_attention
-    from medusa_toolkit.model.tree import MedusaTree
+    from medusa_toolkit.decoding.generate import resolve_tree, use_attention
     from medusa_toolkit.prompts import render_prompt
 
-    tree = MedusaTree.resolve(tree, model.num_heads)
+    tree = resolve_tree(tree, model)  # bad input (exit 2), checked before decoding: never a 'decoding crash'
     dtype = str(model.dtype).removeprefix("torch.")
     tolerance = default_tie_tolerance(dtype) if tie_tolerance is None else float(tie_tolerance)
     with use_attention(model, attn_implementation):  # fail fast (before any decoding) when the attention is missing
@@ -347,7 +351,9 @@ def verify_heads(
         "device": str(model.device), "max_new_tokens": max_new_tokens, "num_prompts": len(rendered),
         "batch_size": batch_size, "strict": strict, "tie_tolerance": tolerance, "min_accept_length": min_accept_length,
     }  # fmt: skip
-    return VerifyReport(full_settings, results, summary, decide(summary, strict, min_accept_length), notes)
+    nonfinite = model.heads.nonfinite() if model.heads is not None else []
+    full_settings["heads_finite"] = not nonfinite
+    return VerifyReport(full_settings, results, summary, decide(summary, strict, min_accept_length, nonfinite), notes)
 
 
 def write_outputs(report: VerifyReport, report_path: str | Path | None, junit_path: str | Path | None) -> None:

@@ -30,7 +30,7 @@ from medusa_toolkit.config import ATTN_IMPLEMENTATIONS
 from medusa_toolkit.decoding.cpu_attention import CPU_SDPA_NAME, register_cpu_sdpa
 from medusa_toolkit.decoding.row_cache import RowCache
 from medusa_toolkit.model.medusa_model import MedusaModel
-from medusa_toolkit.model.tree import MedusaTree, TreeBuffers
+from medusa_toolkit.model.tree import MedusaTree, TreeBuffers, TreeError
 
 # User-facing names (config.ATTN_IMPLEMENTATIONS). "medusa_flash_decoding" is registered with transformers under the
 # kernel package's ATTN_NAME, which avoids the substring "flash" (transformers routes any such name to its
@@ -162,6 +162,18 @@ def attn_inputs(attn: str, buffers: TreeBuffers, lens: torch.Tensor, dtype: torc
     return {"attention_mask": row_tree_mask(buffers, lens, dtype)}
 
 
+def resolve_tree(spec: MedusaTree | str | list | None, model: MedusaModel) -> MedusaTree:
+    """The tree to decode with, checked against the heads before any decoding: no deeper than the heads, and drawing
+    no more candidates per head than the heads score (a rank beyond their vocabulary is bad input, not a crash)."""
+    tree = MedusaTree.resolve(spec, model.num_heads)
+    if model.heads is not None and tree.depth and tree.top_k > model.heads.head_vocab_size:
+        raise TreeError(
+            f"the tree draws the top-{tree.top_k} candidates of each head, but these heads score "
+            f"{model.heads.head_vocab_size} tokens: use a tree whose ranks are below {model.heads.head_vocab_size}"
+        )
+    return tree
+
+
 def prefill(
     model: MedusaModel,
     input_ids: torch.Tensor,
@@ -187,7 +199,7 @@ def prefill(
     )
     hidden = out.last_hidden_state[torch.arange(batch, device=input_ids.device), last]  # [B, H]
     roots = rule.first_token(model.base_logits(hidden))
-    return DecodeState(RowCache.from_prefill(cache, attention_mask, length), roots, model.medusa_logits(hidden, depth))
+    return DecodeState(RowCache.from_prefill(cache, attention_mask, length), roots, model.heads_fn(hidden, depth))
 
 
 def propose(roots: torch.Tensor, medusa_logits: torch.Tensor, tree: MedusaTree, buffers: TreeBuffers) -> torch.Tensor:
@@ -209,8 +221,7 @@ def verify_tree(
     positions = lens[:, None] + buffers.position_offsets[None]
     inputs = attn_inputs(attn, buffers, lens, model.dtype)
     cache.begin_forward(tree_tokens.shape[1])
-    out = model(tree_tokens, position_ids=positions, cache=cache, with_medusa=False, **inputs)
-    return out.logits, out.hidden_states
+    return model.step_fn(tree_tokens, positions, cache, **inputs)
 
 
 def accepted_run(ok: torch.Tensor, buffers: TreeBuffers) -> torch.Tensor:
@@ -276,7 +287,7 @@ def decode_step(
     rows = torch.arange(tree_tokens.shape[0], device=tree_tokens.device)
     last = acc.nodes.gather(1, (acc.counts - 1)[:, None])[:, 0]  # the node that ends each row's accepted path
     state.roots = acc.next_roots
-    state.medusa_logits = model.medusa_logits(hidden[rows, last], tree.depth)
+    state.medusa_logits = model.heads_fn(hidden[rows, last], tree.depth)
     candidates = tree_tokens.gather(1, acc.nodes[:, 1:])  # [B, D]
     emitted = torch.cat([candidates, acc.next_roots[:, None]], 1)
     # Left-align: the next root goes right after each row's accepted candidates.
@@ -449,7 +460,7 @@ def medusa_generate(
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty: medusa_generate needs at least one input token")
     _check_max_new_tokens(max_new_tokens)
-    tree = MedusaTree.resolve(tree, model.num_heads)
+    tree = resolve_tree(tree, model)
     input_ids = input_ids.to(model.device)
     on_tokens = None
     if streamer is not None:
@@ -505,7 +516,7 @@ def medusa_generate_batch(
         empty = int((attention_mask.sum(1) == 0).nonzero()[0])
         raise ValueError(f"prompt {empty} is empty (its attention_mask is all 0): every row needs >= 1 real token")
     _check_max_new_tokens(max_new_tokens)
-    tree = MedusaTree.resolve(tree, model.num_heads)
+    tree = resolve_tree(tree, model)
     device = model.device
     input_ids = input_ids.to(device)
     if attention_mask is not None:

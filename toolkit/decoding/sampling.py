@@ -51,6 +51,7 @@ from medusa_toolkit.decoding.generate import (
     accepted_run,
     decode,
     propose,
+    resolve_tree,
     use_attention,
 )
 from medusa_toolkit.model.medusa_model import MedusaModel
@@ -261,7 +262,7 @@ def medusa_sample(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     warpers = logits_processor(temperature, top_p, top_k)
-    tree = MedusaTree.resolve(tree, model.num_heads)
+    tree = resolve_tree(tree, model)
     input_ids = input_ids.to(model.device)
     if acceptance == "lossless":
         rule = LosslessSampling(warpers, tree, generator)

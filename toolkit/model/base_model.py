@@ -190,6 +190,37 @@ def check_model_spec(name_or_path: str) -> None:
         )
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} exists but is not a Hugging Face model folder (no config.json)")
+    if path.is_dir():
+        check_weight_files(path)
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every safetensors file of a model folder opens whole (its header and data offsets cover the file): a truncated
+    download fails here, in a second, not minutes later inside from_pretrained."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for a bad header
+            raise ModelLoadError(
+                f"{f} is truncated or corrupt ({e}): an interrupted download or copy; download or copy it again"
+            ) from None
+
+
+def check_device(device: str | None) -> None:
+    """A device this machine has: `cuda` on a machine without a CUDA GPU fails here, with the fix."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ModelLoadError(f"model.device {device!r} is not a device ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device is {device!r}, but this machine has no CUDA GPU; use cpu (or null)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"model.device is {device!r}, but this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def base_identity(name_or_path: str) -> dict:
@@ -229,13 +260,20 @@ def load_base_model(
     `name_or_path` may be a Hub id, a local HF folder, a `.gguf` file, or a builtin alias (`smollm2-135m-instruct`).
     The model comes back in eval mode with every parameter's `requires_grad` False.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
+    check_device(str(device) if device is not None else None)
     path = resolve_model_path(name_or_path)
     kwargs = {"dtype": torch_dtype}
     if attn_implementation is not None and attn_implementation != "medusa_flash_decoding":
         kwargs["attn_implementation"] = attn_implementation
+    try:  # first: a broken config.json would otherwise surface as a tokenizer problem
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_load_failure(name_or_path, path, "config", e)) from None
+    if Path(path).is_dir():
+        check_weight_files(Path(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -263,11 +301,10 @@ def _load_failure(name_or_path: str, path: str, what: str, err: Exception) -> st
     """Why a base could not be loaded, with the fix that applies: a local folder lacks files; a Hub id is unreachable."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if Path(path).is_dir():
-        fix = (
-            "save the tokenizer next to the model (tokenizer.save_pretrained(folder))"
-            if what == "tokenizer"
-            else "the folder must hold a complete save_pretrained() checkpoint"
-        )
+        fix = {
+            "tokenizer": "save the tokenizer next to the model (tokenizer.save_pretrained(folder))",
+            "config": "its config.json must be the valid JSON save_pretrained() writes (copy it again)",
+        }.get(what, "the folder must hold a complete save_pretrained() checkpoint")
         return f"could not load the {what} of {name_or_path!r} from {path}: {first}. Fix: {fix}"
     return (
         f"could not load the {what} of {name_or_path!r}: it is not a local folder, not in the Hugging Face cache, and "

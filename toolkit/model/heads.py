@@ -240,6 +240,10 @@ class MedusaHeads(nn.Module):
             allow_unverified=allow_unverified, private=private, commit_message=commit_message, **push_kwargs,
         )  # fmt: skip
 
+    def nonfinite(self) -> list[str]:
+        """Names of the tensors holding nan or inf (a diverged training run's heads): never exported or pushed."""
+        return [name for name, t in self.heads.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+
     def content_digest(self) -> str:
         """sha256 of what these heads compute: their shape and every tensor's dtype, shape and bytes.
 
@@ -268,8 +272,8 @@ class MedusaHeads(nn.Module):
         vocab, hidden = tuple(getattr(weight, "ds_shape", weight.shape))
         if (hidden, vocab) != (self.config.hidden_size, self.config.vocab_size):
             raise HeadsLoadError(
-                f"heads do not fit this base model: heads have hidden_size={self.config.hidden_size}, "
-                f"vocab_size={self.config.vocab_size}; the base has hidden_size={hidden}, vocab_size={vocab}. "
+                f"heads do not fit this base model: heads have hidden_size={self.config.hidden_size!r}, "
+                f"vocab_size={self.config.vocab_size!r}; the base has hidden_size={hidden!r}, vocab_size={vocab!r}. "
                 f"Use heads trained for this base (heads say base_model_name_or_path="
                 f"{self.config.base_model_name_or_path!r})."
             )

@@ -84,6 +84,9 @@ def resolve_heads_folder(path: str, **hub_kwargs) -> Path:
         ) from None
 
 
+INT_KEYS = ("hidden_size", "vocab_size", "medusa_num_heads", "medusa_num_layers", "num_heads", "truncated_vocab_size")
+
+
 def read_heads_config(folder: Path) -> dict:
     """A heads folder's config.json as a dict ({} when absent); a clear error when it is not JSON."""
     path = folder / CONFIG_NAME
@@ -91,9 +94,16 @@ def read_heads_config(folder: Path) -> dict:
         return {}
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HeadsLoadError(f"{path} is not valid JSON: {e}") from None
-    return cfg if isinstance(cfg, dict) else {}
+    if not isinstance(cfg, dict):
+        return {}
+    for key in INT_KEYS:  # a number written as a string would pass every shape check with the wrong message later
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise HeadsLoadError(f"{path}: {key} must be an integer, got {value!r} ({type(value).__name__}); fix "
+                                 "config.json")  # fmt: skip
+    return cfg
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

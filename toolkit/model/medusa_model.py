@@ -88,6 +88,9 @@ class MedusaModel(nn.Module):
         super().__init__()
         self.base = freeze(base)
         self.tokenizer = tokenizer
+        # How decoding runs the step and the heads: these eager methods, or their compiled versions once
+        # `decoding.compiled.compile_decoding` has set them up (once per model, not per call or step).
+        self.step_fn, self.heads_fn, self.compiled = self.step, self.medusa_logits, False
         self.heads, self.heads_sha256, self._heads_lm_head = None, None, None
         if heads is None:
             return
@@ -161,6 +164,17 @@ class MedusaModel(nn.Module):
             hidden = hidden[:, -logits_to_keep:]
         medusa_logits = self.medusa_logits(hidden) if with_medusa else None
         return MedusaOutput(self.base_logits(hidden), medusa_logits, hidden, cache)
+
+    def step(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any, **attn_kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding step's forward over its new tokens (no heads): base logits [B, T, V] and last hidden states
+        [B, T, H]. What decoding calls through `step_fn`, the compiled step where decoding.compiled set one up."""
+        out = self.base.get_decoder()(
+            input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True, **attn_kwargs
+        )
+        hidden = out.last_hidden_state
+        return self.base_logits(hidden), hidden
 
     def medusa_logits(self, hidden_states: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
         """The first `num_heads` heads' logits [num_heads, ..., V] (all by default) on given last hidden states; a

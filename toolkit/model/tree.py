@@ -96,6 +96,8 @@ class MedusaTree:
                 raise TreeError(
                     f"tree is not prefix-closed: path {list(p)} needs its parent {list(p[:-1])} in the tree"
                 )
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+            raise TreeError(f"a tree's top_k must be a positive integer (candidates per head), got {top_k!r}")
         depth = max((len(p) for p in clean), default=0)
         if num_heads is not None and depth > num_heads:
             deep = next(p for p in clean if len(p) > num_heads)
@@ -230,12 +232,13 @@ class MedusaTree:
         return TreeBuffers(attn_mask, position_offsets, tree_indices, retrieve, lengths)
 
 
-def check_tree_spec(spec: str, key: str, allow_auto: bool = False) -> None:
-    """Fail fast on a tree config value: `auto` (where allowed), a preset, or a tree.json that loads."""
+def check_tree_spec(spec: str, key: str, allow_auto: bool = False, num_heads: int | None = None) -> None:
+    """Fail fast on a tree config value: `auto` (where allowed), a preset, or a tree.json that loads, no deeper than
+    `num_heads` when the heads' number is known (else it is checked once they are loaded)."""
     if allow_auto and spec == "auto":
         return
     try:
-        MedusaTree.resolve(spec, num_heads=10**6)  # the depth is checked against the heads once they are loaded
+        MedusaTree.resolve(spec, num_heads=num_heads if num_heads is not None else 10**6)
     except TreeError as e:
         raise TreeError(f"{key}: {e}") from None
 

@@ -9,6 +9,7 @@ config for `medusa-train` hands the same file to `medusa-verify`, `medusa-tune-t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from medusa_toolkit.config import ConfigError, ToolkitConfig, load_config
-from medusa_toolkit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, ToolkitError
+from medusa_toolkit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, classify
 from medusa_toolkit.run_dir import RunDir
 
 
@@ -82,12 +83,16 @@ def config_from_args(args: argparse.Namespace, shortcuts: list[Shortcut]) -> Too
             values[s.key] = s.convert(value) if s.convert is not None else value
             flags[s.key] = s.flag
     try:
-        return load_config(args.config, list(args.overrides), values)
+        cfg = load_config(args.config, list(args.overrides), values)
     except ConfigError as e:  # name the flag the user typed, not only the key it sets
         message = str(e)
         for key, flag in flags.items():
             message = message.replace(f"config key '{key}': ", f"{flag} ({key}) ")
         raise ConfigError(message) from None
+    from medusa_toolkit.model.base_model import check_device
+
+    check_device(cfg.model.device)  # `--device cuda` on a CPU machine: before anything loads
+    return cfg
 
 
 def output_dir(args: argparse.Namespace, cfg: ToolkitConfig) -> RunDir | None:
@@ -112,23 +117,26 @@ def require_base(args: argparse.Namespace) -> None:
 
 
 def run_command(prog: str, body: Callable[[], int], interrupted_hint: str = "nothing was written") -> int:
-    """Run a command's body under the exit-code contract: ToolkitError -> its one line and exit code (2 by default),
-    Ctrl-C -> 130 with one line, anything else -> traceback and 4 (a bug)."""
+    """Run a command's body under the exit-code contract (`errors.classify`): a ToolkitError, a file-system error or
+    unparsable input -> one line and its code (2 unless the error says otherwise), Ctrl-C -> 130 with one line, a
+    bug -> its traceback and 4. MEDUSA_TOOLKIT_DEBUG=1 prints the traceback of the one-line errors too."""
     try:
         return body()
-    except ToolkitError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; {interrupted_hint}", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except SystemExit:
         raise
-    except Exception:
-        traceback.print_exc()
-        print(
-            f"{prog}: internal error (exit {EXIT_INTERNAL}): this is a bug in medusa-toolkit; please report the "
-            "traceback above",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
+    except BaseException as e:  # KeyboardInterrupt included
+        code, line = classify(e)
+        if code == EXIT_INTERRUPTED:
+            print(f"\n{prog}: interrupted; {interrupted_hint}", file=sys.stderr)
+        elif line is not None:
+            if os.environ.get("MEDUSA_TOOLKIT_DEBUG"):
+                traceback.print_exc()
+            print(f"{prog}: error: {line}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(
+                f"{prog}: internal error (exit {EXIT_INTERNAL}): this is a bug in medusa-toolkit; please report the "
+                "traceback above",
+                file=sys.stderr,
+            )
+        return code

@@ -21,6 +21,7 @@ renames, and all ranks meet at a barrier afterwards.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from medusa_toolkit import entry_points
 from medusa_toolkit.config import ConfigError, ToolkitConfig
 from medusa_toolkit.digest import digest_of, folder_files, path_digest
 from medusa_toolkit.errors import ToolkitError
-from medusa_toolkit.run_dir import RunDir
+from medusa_toolkit.run_dir import RunDir, RunLock, RunLockError
 from medusa_toolkit.version import __version__
 
 MANIFEST = "manifest.json"
@@ -75,13 +76,19 @@ class StageRun:
     out: Path
     digest: str
     inputs: dict
+    token: str = "0"  # this run's name for temp files (the run lock's token): no two processes share one
+    force: bool = False  # --force: the user asked to discard what the stage would otherwise refuse to (checkpoints)
 
     @classmethod
-    def prepare(cls, cfg: ToolkitConfig, run_dir: str | Path, stage: str, out: str | Path | None = None) -> StageRun:
+    def prepare(
+        cls, cfg: ToolkitConfig, run_dir: str | Path, stage: str, out: str | Path | None = None, token: str | None = None,
+        force: bool = False,
+    ) -> StageRun:  # fmt: skip
         """The StageRun the runner would pass (tests and benchmarks call a stage function directly with it)."""
         dirs = RunDir(run_dir)
         inputs = stage_inputs(cfg, STAGES[stage], dirs)
-        return cls(cfg, dirs, Path(out) if out is not None else dirs.artefact(stage), digest_of(inputs), inputs)
+        out = Path(out) if out is not None else dirs.artefact(stage)
+        return cls(cfg, dirs, out, digest_of(inputs), inputs, token or str(os.getpid()), force)
 
 
 class StageError(ToolkitError, RuntimeError):
@@ -183,6 +190,17 @@ def foreign_files(stage_dir: Path) -> list[str]:
     return sorted(present - listed - {MANIFEST})
 
 
+def upstream_changes(stage: Stage, run: RunDir) -> dict[str, list[str]]:
+    """{earlier stage: its files that no longer hold the bytes that stage wrote} for the artefacts `stage` reads."""
+    out = {}
+    for dep in stage.after:
+        manifest = read_manifest(run.artefact(dep))
+        changed = changed_files(run.artefact(dep), manifest) if manifest else []
+        if changed:
+            out[dep] = changed
+    return out
+
+
 def cache_status(cfg: ToolkitConfig, stage: Stage, run_dir: Path) -> tuple[bool, str]:
     """(cached?, why not) for a stage's artefact in run_dir."""
     folder = RunDir(run_dir).artefact(stage.name)
@@ -214,13 +232,26 @@ def _replace(tmp: Path, final: Path) -> None:
 # Running
 
 
-def run_stage(cfg: ToolkitConfig, name: str, run_dir: str | Path, force: bool = False, log: Callable = print) -> Path:
-    """Run one stage (or reuse its artefact); return its artefact folder (`run_dir/name`; `run_dir/heads` for train)."""
+def run_stage(
+    cfg: ToolkitConfig, name: str, run_dir: str | Path, force: bool = False, log: Callable = print, token: str = "0"
+) -> Path:
+    """Run one stage (or reuse its artefact); return its artefact folder (`run_dir/name`; `run_dir/heads` for train).
+
+    Before anything runs or is reused: every earlier artefact this stage reads must still hold the bytes its stage
+    wrote (a truncated heads file is never verified "cached"), and an artefact folder about to be replaced must hold
+    only files the toolkit wrote (a stage never runs for minutes, or publishes, only to refuse at the end).
+    """
     if name not in STAGES:
         raise StageError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
     stage = STAGES[name]
     run = RunDir(run_dir)
     final = run.artefact(name)
+    for dep, changed in upstream_changes(stage, run).items():
+        raise StageError(
+            f"the '{dep}' artefact in {run.artefact(dep)} changed on disk since its stage wrote it "
+            f"({', '.join(changed[:3])}), so '{name}' will not use it: rerun it (--stages {dep},{name}) or restore "
+            "the files"
+        )
     cached, why = cache_status(cfg, stage, run.root)
     if cached and not force:
         if D.is_main():
@@ -229,11 +260,17 @@ def run_stage(cfg: ToolkitConfig, name: str, run_dir: str | Path, force: bool = 
     for dep in stage.requires:
         if read_manifest(run.artefact(dep)) is None:
             raise StageError(f"stage '{name}' needs the '{dep}' artefact in {run.root}; run stage '{dep}' first")
+    foreign = foreign_files(final) if final.is_dir() else []
+    if foreign:
+        raise StageError(
+            f"{final} holds files the toolkit did not write ({', '.join(foreign[:5])}); the '{name}' stage replaces "
+            "this folder: move them out of the run directory and run again (nothing was run or changed)"
+        )
     if D.is_main() and final.exists() and not force and why:
         log(f"[{name}] rerunning: {why}")
-    # Same name on every rank (no mkdtemp): ranks may all write their share into it.
-    tmp = run.root / f".{name}.tmp"
-    stage_run = StageRun.prepare(cfg, run.root, name, tmp)
+    # One name on every rank (they may all write their share into it), this run's own (the lock's token).
+    tmp = run.root / f".{name}.tmp-{token}"
+    stage_run = StageRun.prepare(cfg, run.root, name, tmp, token, force)
     if D.is_main():
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -263,15 +300,19 @@ def run_stage(cfg: ToolkitConfig, name: str, run_dir: str | Path, force: bool = 
     return final
 
 
-def check_inputs(cfg: ToolkitConfig, stages: list[str]) -> None:
-    """Before the first stage runs: every file the config names for these stages exists and parses.
-
-    Minutes of generation must not be spent before a typo in a DeepSpeed path is found.
+def check_inputs(cfg: ToolkitConfig, stages: list[str], run_dir: str | Path | None = None) -> None:
+    """Before the first stage runs: everything the config lets us check, checked — every file it names exists and
+    parses, the device exists, the trees fit the heads, the push target is a repo id (the schema), the heads to
+    start from agree with the heads configured. Minutes of work must not be spent before a typo is found.
     """
-    from medusa_toolkit.model.base_model import check_model_spec
+    from medusa_toolkit.model.base_model import check_device, check_model_spec
     from medusa_toolkit.model.tree import check_tree_spec
     from medusa_toolkit.prompts import check_prompt_source
 
+    run = RunDir(run_dir if run_dir is not None else cfg.output_dir)
+    if run.root.exists() and not run.root.is_dir():
+        raise StageError(f"output_dir {run.root} is a file; pass a directory (--output-dir)")
+    check_device(cfg.model.device)
     check_model_spec(cfg.model.name_or_path)
     d, t = cfg.data, cfg.train
     if "data" in stages:
@@ -298,21 +339,28 @@ def check_inputs(cfg: ToolkitConfig, stages: list[str]) -> None:
         if not path.is_file():
             raise ConfigError(f"train.deepspeed.config_file not found: {path}; fix the path or remove the key")
         try:
-            if not isinstance(json.loads(path.read_text()), dict):
+            ds = json.loads(path.read_text())
+            if not isinstance(ds, dict):
                 raise ValueError("not a JSON object")
         except ValueError as e:
             raise ConfigError(f"train.deepspeed.config_file {path}: not a DeepSpeed JSON object ({e})") from None
+        check_deepspeed_optimizer(ds, path)
     if "train" in stages and cfg.heads.init_from:
         spec = cfg.heads.init_from
         if is_file_spec(spec) and not Path(spec).expanduser().exists() and spec.count("/") != 1:
             raise ConfigError(f"heads.init_from not found: {spec}; pass a heads folder or a Hub id ORG/NAME")
+        if Path(spec).expanduser().is_dir():
+            check_init_from(cfg, Path(spec).expanduser())
+    num_heads = cfg.heads.num_heads if "train" in stages else _run_num_heads(run)
     if "tree" in stages:
-        check_tree_spec(cfg.tree.tree, "tree.tree", allow_auto=True)
+        check_tree_spec(cfg.tree.tree, "tree.tree", allow_auto=True, num_heads=num_heads)
         if cfg.tree.tree == "auto" and is_file_spec(cfg.tree.prompts):  # named sets matter only without data rows
             check_prompt_source(cfg.tree.prompts, None, "tree")
     if "verify" in stages:
         if cfg.verify.tree:
-            check_tree_spec(cfg.verify.tree, "verify.tree")
+            check_tree_spec(cfg.verify.tree, "verify.tree", num_heads=num_heads)
+        elif cfg.tree.tree != "auto":  # what verify falls back to
+            check_tree_spec(cfg.tree.tree, "tree.tree", num_heads=num_heads)
         check_prompt_source(cfg.verify.prompts, None, "verify")
     if "export" in stages and cfg.export.push_to_hub:
         from medusa_toolkit.model.base_model import base_hub_id
@@ -322,6 +370,53 @@ def check_inputs(cfg: ToolkitConfig, stages: list[str]) -> None:
                 f"export.push_to_hub needs a Hub id for the base model, but model.name_or_path is "
                 f"{cfg.model.name_or_path!r}: set export.base_model_id: ORG/NAME (engines load the base by it)"
             )
+
+
+def _run_num_heads(run: RunDir) -> int | None:
+    """How many heads the run's heads/ hold (None when there are none yet)."""
+    try:
+        config = json.loads((run.heads / "config.json").read_text())
+        n = config.get("medusa_num_heads")
+        return n if isinstance(n, int) and not isinstance(n, bool) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_init_from(cfg: ToolkitConfig, folder: Path) -> None:
+    """heads.init_from's heads must be the heads configured: a mismatch names both values (the config is not
+    silently overridden)."""
+    from medusa_toolkit.model.heads_io import read_heads_config
+
+    theirs = read_heads_config(folder)
+    h = cfg.heads
+    pairs = {"num_heads": ("medusa_num_heads", h.num_heads), "num_layers": ("medusa_num_layers", h.num_layers),
+             "head_type": ("head_type", h.head_type)}  # fmt: skip
+    conflicts = [
+        f"heads.{key} is {mine!r}, {folder} has {theirs[their_key]!r}"
+        for key, (their_key, mine) in pairs.items()
+        if their_key in theirs and theirs[their_key] != mine
+    ]
+    if conflicts:
+        raise ConfigError(
+            f"heads.init_from does not match the heads configured: {'; '.join(conflicts)}. Set heads.* to the "
+            "starting heads' values, or start from other heads"
+        )
+
+
+def check_deepspeed_optimizer(ds: dict, path: Path) -> None:
+    """The optimizer a DeepSpeed JSON names must be one DeepSpeed builds (its own, or a torch.optim class): DeepSpeed
+    itself only says so after the base model has loaded."""
+    name = (ds.get("optimizer") or {}).get("type") if isinstance(ds.get("optimizer"), dict) else None
+    if name is None:
+        return
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    if str(name).lower() not in DEEPSPEED_OPTIMIZERS and getattr(torch.optim, str(name), None) is None:
+        raise ConfigError(
+            f"train.deepspeed.config_file {path}: optimizer type {name!r} is not one DeepSpeed knows; use one of "
+            f"{', '.join(DEEPSPEED_OPTIMIZERS)} or a torch.optim class name (e.g. AdamW)"
+        )
 
 
 def run_pipeline(
@@ -334,10 +429,35 @@ def run_pipeline(
         raise StageError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
     if not wanted:
         raise StageError(f"no stages to run; name at least one of {', '.join(STAGES)}")
-    check_inputs(cfg, wanted)
+    check_inputs(cfg, wanted, run_dir)
     run = RunDir(run_dir)
-    if D.is_main():
-        run.root.mkdir(parents=True, exist_ok=True)
-        run.config.write_text(cfg.to_yaml())
-    D.barrier()
-    return {name: run_stage(cfg, name, run.root, force=force, log=log) for name in STAGES if name in wanted}
+    lock, refused = None, None
+    if D.is_main():  # one writer per run directory; the other ranks learn rank 0's answer and its token
+        try:
+            if run.root.exists() and not run.root.is_dir():
+                raise StageError(f"output_dir {run.root} is a file; pass a directory (--output-dir)")
+            lock = RunLock(run, "medusa-train").acquire()
+        except ToolkitError as e:
+            refused = e
+    if not D.all_true(refused is None):
+        raise refused or RunLockError(f"{run.root} is in use by another command (rank 0 could not lock it)")
+    token = D.broadcast_object(lock.token if lock else None)
+    try:
+        if D.is_main():
+            remove_stale_temp(run, log)
+            run.config.write_text(cfg.to_yaml())
+        D.barrier()
+        return {
+            name: run_stage(cfg, name, run.root, force=force, log=log, token=token) for name in STAGES if name in wanted
+        }
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def remove_stale_temp(run: RunDir, log: Callable = print) -> None:
+    """Temp folders of stages whose writer is gone (the run lock is ours, so nobody else is writing them)."""
+    for tmp in sorted(run.root.glob(".*.tmp*")):
+        if tmp.is_dir() and tmp.name.split(".tmp")[0].lstrip(".") in STAGES:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log(f"[run] removed {tmp.name}, left by a run that was killed")

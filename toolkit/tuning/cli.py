@@ -21,7 +21,7 @@ from medusa_toolkit.pipeline.cli import (
     require_base,
     run_command,
 )
-from medusa_toolkit.run_dir import TREE_FILE
+from medusa_toolkit.run_dir import TREE_FILE, locked
 
 SHORTCUTS = [
     Shortcut("--base", "model.name_or_path", "base model: Hub id, local folder, .gguf, or smollm2-135m-instruct"),
@@ -77,7 +77,8 @@ def run(argv: list[str] | None) -> int:
     if args.prompts and not args.data:
         data = None  # prompts were asked for explicitly
     out = Path(args.out) if args.out else (run.tree_file if run else Path(TREE_FILE))
-    tune_from_config(cfg, heads, out, data, allow_train=bool(args.data))
+    with locked(run if not args.out else None, "medusa-tune-tree"):  # it writes into the run's tree/
+        tune_from_config(cfg, heads, out, data, allow_train=bool(args.data))
     return 0
 
 

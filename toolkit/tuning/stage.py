@@ -31,6 +31,9 @@ def tune_from_config(
         tree.save(out_file)
         return
     resolve_depth(tc.max_depth, loaded.num_heads)
+    if tc.top_k > loaded.head_vocab_size:
+        raise TuneError(f"tree.top_k is {tc.top_k}, but these heads score {loaded.head_vocab_size} tokens; "
+                        f"use tree.top_k <= {loaded.head_vocab_size}")  # fmt: skip
     m = cfg.model
     base, tokenizer = load_base_model(m.name_or_path, m.dtype, m.device, m.attn_implementation)
     model = MedusaModel(base, loaded, tokenizer)

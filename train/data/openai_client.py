@@ -51,7 +51,7 @@ class EngineStats:
 class OpenAIClient:
     """A client of one OpenAI-compatible endpoint, for greedy or sampled completions of token-id contexts."""
 
-    def __init__(self, cfg, tokenizer, eos: list[int]):
+    def __init__(self, cfg, tokenizer, eos: list[int], vocab_size: int | None = None):
         import httpx
 
         d = cfg.data
@@ -60,6 +60,8 @@ class OpenAIClient:
         self.url = d.endpoint.rstrip("/") + "/completions"
         self.model = d.engine_model or cfg.model.name_or_path
         self.tokenizer, self.eos = tokenizer, eos
+        # Token ids an answer may hold: the model's vocabulary (else the tokenizer's), checked before anything is kept.
+        self.vocab_size = vocab_size or len(tokenizer)
         self.max_tokens, self.temperature, self.top_p = d.max_new_tokens, d.temperature, d.top_p
         self.concurrency, self.timeout = d.concurrency, d.request_timeout
         key = os.environ.get(d.api_key_env)
@@ -93,7 +95,18 @@ class OpenAIClient:
                     ) from None
             else:
                 if response.status_code < 300:
-                    return response.json()
+                    answer = _completion(response)
+                    if answer is not None:
+                        return answer
+                    if attempt == RETRIES:  # e.g. an HTML page from a proxy, with status 200
+                        raise ServerError(
+                            f"the engine at {self.host} answered {RETRIES + 1} times with something that is not an "
+                            f"OpenAI completion ({response.headers.get('content-type', '?')}: "
+                            f"{response.text.strip()[:120]!r}); check data.endpoint (it must end in /v1)"
+                        )
+                    self._count(retries=1)  # a garbled answer: retried like a 5xx
+                    time.sleep(min(0.5 * 2**attempt, 8.0))
+                    continue
                 named = [f for f in OPTIONAL_FIELDS if f in body and f in response.text]
                 if response.status_code == 422 and named:
                     with self.lock:  # e.g. transformers serve has no return_token_ids: ask for text only
@@ -127,7 +140,14 @@ class OpenAIClient:
         choice = choices[0]
         if isinstance(choice.get("token_ids"), list):
             self._count(engine_token_ids=1)
-            ids = [int(t) for t in choice["token_ids"]]
+            ids = choice["token_ids"]
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+            if bad:  # never written: a shard of these would fail training, and stay cached after the server is fixed
+                raise ServerError(
+                    f"the engine at {self.host} answered token ids outside the model's vocabulary of {self.vocab_size} "
+                    f"(e.g. {bad[0]!r}): is it serving another model than {self.model!r}? Fix data.engine_model or "
+                    "the server; nothing of this answer was kept"
+                )
         else:
             ids = self.tokenizer(choice.get("text") or "", add_special_tokens=False)["input_ids"]
             counted = (answer.get("usage") or {}).get("completion_tokens")
@@ -195,3 +215,15 @@ class OpenAIClient:
             "retokenized": s.retokenized, "retokenization_mismatch": s.retokenization_mismatch,
             "prompt_roundtrip_mismatch": s.prompt_roundtrip_mismatch, "empty_responses": s.empty,
         }  # fmt: skip
+
+
+def _completion(response) -> dict | None:
+    """The JSON body of an OpenAI completion answer, or None when the body is not one (not JSON, not an object,
+    `choices` not a list)."""
+    try:
+        answer = response.json()
+    except ValueError:
+        return None
+    if not isinstance(answer, dict) or not isinstance(answer.get("choices", []), list):
+        return None
+    return answer

@@ -65,7 +65,7 @@ def load_sources(cfg: ToolkitConfig, model, tokenizer, fits) -> tuple[list[Conve
                 if d.engine == "openai":  # the server holds the weights; `model` here is only the base's configs
                     from medusa_toolkit.train.data.openai_client import OpenAIClient
 
-                    writer = OpenAIClient(cfg, tokenizer, special_tokens.eos_ids(model))
+                    writer = OpenAIClient(cfg, tokenizer, special_tokens.eos_ids(model), model.config.vocab_size)
                     texts, entry["self_prompts"] = self_prompts.write_with_server(writer, tokenizer, count, how)
                     entry["written_by"] = {**writer.describe(), "requests": writer.stats.requests,
                                            "retries": writer.stats.retries, "seed_sent": "seed" not in writer.refused}  # fmt: skip

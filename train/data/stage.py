@@ -273,7 +273,7 @@ def run_data(run: StageRun) -> None:
         model, tokenizer = base_model_metadata(cfg.model.name_or_path)
         from medusa_toolkit.train.data.openai_client import OpenAIClient
 
-        engine = OpenAIClient(cfg, tokenizer, special_tokens.eos_ids(model))
+        engine = OpenAIClient(cfg, tokenizer, special_tokens.eos_ids(model), model.config.vocab_size)
         dtype = "(engine)"
     else:
         model, tokenizer = load_base_model(
@@ -292,6 +292,12 @@ def run_data(run: StageRun) -> None:
 
     parts = partial_dir(run)
     parts.mkdir(parents=True, exist_ok=True)
+    if D.is_main():  # temp files of a run that was killed (the run lock is ours: nobody is writing them)
+        for stale in parts.glob(".shard-*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in parts.glob(".sources.tmp*"):
+            stale.unlink(missing_ok=True)
+    D.barrier()
     sources_file = parts / "sources.json"  # self-generated prompts are sampled once, then reused on a resume
     if sources_file.is_file():
         saved = json.loads(sources_file.read_text())
@@ -301,8 +307,9 @@ def run_data(run: StageRun) -> None:
         convos, report = load_sources(cfg, model, tokenizer, fits)
         if D.is_main():
             payload = {"conversations": [vars(c) for c in convos], "report": report}
-            (parts / ".sources.tmp").write_text(json.dumps(payload))
-            (parts / ".sources.tmp").rename(sources_file)
+            tmp = parts / f".sources.tmp-{run.token}"
+            tmp.write_text(json.dumps(payload))
+            tmp.rename(sources_file)
     if not convos:  # nothing to skip: the sources themselves gave nothing (e.g. every self-written prompt dropped)
         given = "; ".join(
             f"{e['source']}: {e['taken']} of {e['requested']}"
@@ -361,7 +368,7 @@ def run_data(run: StageRun) -> None:
             stats = dict(Counter(stats) + Counter(text_stats))
             for key in rows:
                 rows[key] += text[key]
-        tmp = parts / f".shard-{s:05d}.tmp-{D.rank()}"
+        tmp = parts / f".shard-{s:05d}.tmp-{run.token}-{D.rank()}"
         datasets.Dataset.from_dict(rows).save_to_disk(str(tmp))
         (tmp / "stats.json").write_text(json.dumps(stats))
         shutil.rmtree(parts / f"shard-{s:05d}", ignore_errors=True)
