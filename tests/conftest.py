@@ -52,3 +52,16 @@ def hub_env(monkeypatch, tmp_path):
     yield start
     for hub in servers:
         hub.__exit__(None, None, None)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_world_of_one():
+    """A test that trains in-process makes a world of one (RANK, WORLD_SIZE, MASTER_ADDR/PORT in os.environ) whose
+    process group lives on in this process. A subprocess started by a later test would inherit those variables,
+    take them for a launcher's and try to listen on the port this process still holds (EADDRINUSE). Remove what a
+    test added; LOCAL_RANK stays, because DeepSpeed reads it from the environment at every `initialize`."""
+    before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)

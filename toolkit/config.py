@@ -84,6 +84,11 @@ class ModelConfig(Section):
     device: str | None = None
     # Attention used by Medusa decoding (verification and plain decoding steps).
     attn_implementation: AttnImpl = "sdpa"
+    # Compile the decoding step (torch.compile: inductor freezing + max-autotune's C++ GEMMs; decoding.compiled) for
+    # every decoder a stage runs: the data stage's answers, tree timing and validation, verify. auto: on a CPU with a
+    # C++ compiler for bases of 64 MB and more (minutes of compiling the first time on a machine, cached after);
+    # on: always (an error where it cannot); off: eager.
+    compile: Literal["auto", "on", "off"] = "auto"
 
 
 class HeadsConfig(Section):
@@ -233,8 +238,12 @@ class TreeConfig(Section):
     # Batch size and KV-cache prefix length at which one verification step is timed.
     batch_size: PositiveInt = 1
     prefix_length: PositiveInt = 256
-    # Timed repeats per node budget (the median is used).
+    # Timed repeats per node budget (the median is used; rounds interleave the budgets, and a spread wider than 15%
+    # of the median is warned about).
     latency_repeats: PositiveInt = 5
+    # A latency profile (medusa-tune-tree --profile-latency OUT.json) measured on the machine that will serve the
+    # heads: tune for its step times instead of this machine's. null: time steps here.
+    latency_profile: str | None = None
 
 
 class VerifyConfig(Section):
@@ -249,8 +258,12 @@ class VerifyConfig(Section):
     max_new_tokens: PositiveInt = 64
     # None: model.dtype.
     dtype: DType | None = None
-    # Attention of the Medusa side (the reference always uses sdpa).
+    # Attention of the Medusa side.
     attn_implementation: AttnImpl = "medusa_flash_decoding"
+    # What Medusa's tokens are compared with: same_path (the base's own greedy loop on the same forward: compiled
+    # where Medusa is, the same attention; like with like) or generate (transformers' generate() under sdpa: an
+    # independent implementation, where numerical ties can appear and are classified).
+    reference: Literal["same_path", "generate"] = "same_path"
     # Prompts Medusa decodes together (batched decoding, per-row KV lengths); references always run one at a time.
     batch_size: PositiveInt = 1
     # Count numerical ties as failures too.

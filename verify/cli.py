@@ -35,6 +35,9 @@ SHORTCUTS = [
     Shortcut("--max-new-tokens", "verify.max_new_tokens", "tokens generated per prompt by both sides", int),
     Shortcut("--dtype", "verify.dtype", "dtype of both sides (null: model.dtype)", choices=DTYPES),
     Shortcut("--attn", "verify.attn_implementation", "attention of the Medusa side", choices=ATTN_IMPLEMENTATIONS),
+    Shortcut("--reference", "verify.reference", "what Medusa is compared with: same_path (the base's greedy on the "
+             "same forward) or generate (transformers generate())", choices=("same_path", "generate")),
+    Shortcut("--compile", "model.compile", "compile the decoding step (auto, on, off)", choices=("auto", "on", "off")),
     Shortcut("--device", "model.device", "cuda / cpu (null: cuda when available)"),
     Shortcut("--batch-size", "verify.batch_size", "prompts Medusa decodes together (references run one at a time)",
              int),

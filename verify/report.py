@@ -374,6 +374,7 @@ def summary_table(report: VerifyReport, max_rows: int = 50) -> str:
         f"checked {s['prompts']} of {st.get('available_prompts', s['prompts'])} prompts from "
         f"{st.get('prompts_source') or 'the given list'}; heads sha256 {str(st.get('heads_sha256'))[:16]}..., "
         f"tree sha256 {str(st.get('tree_sha256'))[:16]}...",
+        f"reference: {st.get('reference') or 'transformers generate()'}",
         "",
         f"{'#':>4}  {'status':<8} {'tokens':>6} {'steps':>5} {'accept':>6}  first divergence",
     ]

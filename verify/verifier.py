@@ -101,6 +101,48 @@ def reference_generate(
     return new, logits.float().cpu(), seconds
 
 
+REFERENCES = ("same_path", "generate")
+REFERENCE_NAMES = {
+    "same_path": "base greedy, its own one-token loop on the same forward ({path}, {attn})",
+    "generate": "transformers generate() (eager, sdpa): an independent implementation",
+}
+
+
+@torch.inference_mode()
+def reference_same_path(
+    model: Any, input_ids: torch.Tensor, max_new_tokens: int, attn: str
+) -> tuple[list[int], None, float]:
+    """The base's greedy decoding through the same forward as the Medusa side (compiled where it is compiled, the same
+    attention), in its own one-token loop: none of Medusa's tree, acceptance or commit code runs here, so a fault
+    there is caught, while the numerics match Medusa's exactly (no logits are kept: see `teacher_forced_logits`)."""
+    from medusa_toolkit.decoding.generate import Greedy, prefill, use_attention
+
+    eos = set(special_tokens.eos_ids(model))
+    with use_attention(model, attn):
+        start = time.perf_counter()
+        state = prefill(model, input_ids, None, 0, Greedy())
+        new = [int(state.roots[0])]
+        cache = state.cache
+        while len(new) < max_new_tokens and new[-1] not in eos:
+            position = cache.lens[:, None]
+            cache.begin_forward(1)
+            logits, _ = model.step_fn(torch.tensor([[new[-1]]], device=model.device), position, cache)
+            cache.set_lens(cache.lens + 1)
+            new.append(int(logits[0, -1].argmax()))
+        seconds = time.perf_counter() - start
+    return new, None, seconds
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model: Any, prompt_ids: list[int], tokens: list[int], position: int) -> torch.Tensor:
+    """The base's logits [V] after prompt + tokens[:position] (one plain forward): what a divergence at `position`
+    is classified on when the reference kept no logits."""
+    ids = torch.tensor(prompt_ids + tokens[:position], device=model.device)[None]
+    out = model(ids, position_ids=torch.arange(ids.shape[1], device=model.device)[None], logits_to_keep=1,
+                with_medusa=False)  # fmt: skip
+    return out.logits[0, -1].float().cpu()
+
+
 @torch.inference_mode()
 def head_hits(model: Any, prompt_ids: list[int], continuation: list[int], top_k: int = HEAD_TOP_K) -> torch.Tensor:
     """Per-head [top-1 hits, top-k hits, count] [num_heads, 3] against the reference continuation.
@@ -168,14 +210,18 @@ def medusa_candidates(
 
 def verify_prompt(
     model: Any, tokenizer: Any, index: int, prompt: str, prompt_ids: list[int], tree: Any, max_new_tokens: int,
-    attn: str, tolerance: float, candidate: Candidate | str | None = None,
+    attn: str, tolerance: float, candidate: Candidate | str | None = None, reference: str = "same_path",
 ) -> tuple[PromptResult, torch.Tensor]:  # fmt: skip
     """Reference vs candidate for one prompt: the PromptResult and the per-head hit counts.
 
-    `candidate`: Medusa's output when it was decoded in a batch (None: decode this prompt alone).
+    `candidate`: Medusa's output when it was decoded in a batch (None: decode this prompt alone). `reference`:
+    `same_path` (the base's own greedy loop on the Medusa side's forward) or `generate` (transformers' generate()).
     """
     input_ids = torch.tensor(prompt_ids, device=model.device)[None]
-    ref, ref_logits, ref_time = reference_generate(model, input_ids, max_new_tokens)
+    if reference == "generate":
+        ref, ref_logits, ref_time = reference_generate(model, input_ids, max_new_tokens)
+    else:
+        ref, ref_logits, ref_time = reference_same_path(model, input_ids, max_new_tokens, attn)
     result = PromptResult(index, prompt, "pass", len(prompt_ids), reference_tokens=len(ref), reference_time_s=ref_time)
     hits = head_hits(model, prompt_ids, ref)
     if candidate is None:
@@ -198,7 +244,8 @@ def verify_prompt(
         kind, margin, gap = "mismatch", math.nan, math.inf
     else:
         ref_token, cand_token = ref[pos], (cand[pos] if pos < len(cand) else None)
-        kind, margin, gap = classify_divergence(ref_logits[pos], ref_token, cand_token, tolerance)
+        at = ref_logits[pos] if ref_logits is not None else teacher_forced_logits(model, prompt_ids, ref, pos)
+        kind, margin, gap = classify_divergence(at, ref_token, cand_token, tolerance)
     tok = {"id": ref_token, "text": None if ref_token is None else _text(tokenizer, [ref_token])}
     result.divergence = Divergence(
         position=pos, kind=kind, reference_token=tok,
@@ -284,12 +331,18 @@ def verify_heads(
     system_prompt: str | None = None,
     settings: dict | None = None,
     progress: bool = True,
+    reference: str = "same_path",
 ) -> VerifyReport:
     """Verify a MedusaModel on prompts (strings rendered with the tokenizer's chat template, or token id lists).
 
     `tree`: anything `MedusaTree.resolve` takes (None: a chain over all heads). `settings`: extra entries for the
-    report (e.g. base/heads names). Returns the VerifyReport; its `exit_code` is the CI verdict.
+    report (e.g. base/heads names). `reference`: what Medusa's tokens are compared with — `same_path` (the base's
+    own greedy loop on the same forward: compiled where Medusa is, the same attention; like with like) or `generate`
+    (transformers' generate() under its own SDPA: an independent implementation, where numerical ties can appear).
+    Returns the VerifyReport; its `exit_code` is the CI verdict.
     """
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
     from tqdm.auto import tqdm
 
     from medusa_toolkit.decoding.generate import resolve_tree, use_attention
@@ -327,8 +380,9 @@ def verify_heads(
     bar = tqdm(rendered, desc="medusa-verify", unit="prompt", disable=not progress)
     for i, (text, ids) in enumerate(bar):
         result, h = verify_prompt(
-            model, tokenizer, i, text, ids, tree, max_new_tokens, attn_implementation, tolerance, candidates[i]
-        )
+            model, tokenizer, i, text, ids, tree, max_new_tokens, attn_implementation, tolerance, candidates[i],
+            reference,
+        )  # fmt: skip
         results.append(result)
         hits += h
         if result.medusa_time_s > 0:
@@ -347,7 +401,10 @@ def verify_heads(
         "base_fingerprint": base_identity(base_name) if isinstance(base_name, str) else None,
         "tree": {"name": tree.name, "paths": [list(p) for p in tree.paths], "num_nodes": tree.num_nodes,
                  "depth": tree.depth, "top_k": tree.top_k},
-        "dtype": dtype, "attn_implementation": attn_implementation, "reference_attn_implementation": "sdpa",
+        "dtype": dtype, "attn_implementation": attn_implementation, "compiled_step": bool(model.compiled),
+        "reference": REFERENCE_NAMES[reference].format(path="compiled" if model.compiled else "eager",
+                                                       attn=attn_implementation),
+        "reference_attn_implementation": "sdpa" if reference == "generate" else attn_implementation,
         "device": str(model.device), "max_new_tokens": max_new_tokens, "num_prompts": len(rendered),
         "batch_size": batch_size, "strict": strict, "tie_tolerance": tolerance, "min_accept_length": min_accept_length,
     }  # fmt: skip
@@ -394,7 +451,11 @@ def load_verify_model(cfg: Any, heads: str | Path, tree: Any):
     tree = MedusaTree.resolve(tree, loaded.num_heads)
     dtype = cfg.verify.dtype or cfg.model.dtype
     base, tokenizer = load_base_model(cfg.model.name_or_path, dtype=dtype, device=cfg.model.device)
-    return MedusaModel(base, loaded, tokenizer), tree
+    model = MedusaModel(base, loaded, tokenizer)
+    from medusa_toolkit.decoding.compiled import compile_decoding
+
+    compile_decoding(model, cfg.model.compile, cfg.verify.attn_implementation)  # both sides run the same step
+    return model, tree
 
 
 @dataclass
@@ -435,7 +496,7 @@ class VerifyRequest:
             model, model.tokenizer, prompts, tree=tree, max_new_tokens=v.max_new_tokens,
             attn_implementation=v.attn_implementation, tie_tolerance=v.tie_tolerance, strict=v.strict,
             min_accept_length=v.min_accept_length, batch_size=v.batch_size,
-            use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt,
+            use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt, reference=v.reference,
             settings={"base": cfg.model.name_or_path, "heads": self.heads, "prompts_source": v.prompts,
                       "available_prompts": available},
             progress=cfg.logging.progress,

@@ -554,7 +554,7 @@ def medusa_generate_batch(
 
 @torch.inference_mode()
 def greedy_generate_batch(
-    base: torch.nn.Module,
+    base: torch.nn.Module | MedusaModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     max_new_tokens: int,
@@ -566,10 +566,11 @@ def greedy_generate_batch(
     The same tokens as `base.generate(input_ids, attention_mask, do_sample=False)` row for row: `medusa_generate_batch`
     with no heads and the 1-node tree. On 2 CPU cores that is 1.18x generate()'s speed at batch 32 and 1.30x at 64
     (benchmarks/bench_data_throughput.py): every layer writes its keys in place instead of concatenating the whole
-    cache each step, and finished rows leave the batch instead of running to the longest row's end.
+    cache each step, and finished rows leave the batch instead of running to the longest row's end. `base` may be a
+    MedusaModel already set up for decoding (e.g. compiled), which is then used as it is.
     """
+    model = base if isinstance(base, MedusaModel) else MedusaModel(base, None)
     out = medusa_generate_batch(
-        MedusaModel(base, None), input_ids, attention_mask, max_new_tokens, MedusaTree.chain(0), eos_token_id,
-        attn_implementation,
+        model, input_ids, attention_mask, max_new_tokens, MedusaTree.chain(0), eos_token_id, attn_implementation
     )  # fmt: skip
     return [out.sequences[b, out.prompt_lengths[b] : out.lengths[b]].tolist() for b in range(len(out.lengths))]

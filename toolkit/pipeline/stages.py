@@ -110,7 +110,11 @@ def named_files(cfg: ToolkitConfig, stage: str) -> dict[str, str]:
     candidates = {
         "data": {f"data.sources[{i}].path": src.path for i, src in enumerate(d.sources) if src.path},
         "train": {"train.deepspeed.config_file": t.deepspeed.config_file, "heads.init_from": cfg.heads.init_from},
-        "tree": {"tree.tree": cfg.tree.tree if cfg.tree.tree != "auto" else None, "tree.prompts": cfg.tree.prompts},
+        "tree": {
+            "tree.tree": cfg.tree.tree if cfg.tree.tree != "auto" else None,
+            "tree.prompts": cfg.tree.prompts,
+            "tree.latency_profile": cfg.tree.latency_profile,
+        },
         "verify": {"verify.tree": v.tree, "verify.prompts": v.prompts, "tree.tree": cfg.tree.tree},
         "export": {},
     }[stage]
@@ -354,6 +358,10 @@ def check_inputs(cfg: ToolkitConfig, stages: list[str], run_dir: str | Path | No
     num_heads = cfg.heads.num_heads if "train" in stages else _run_num_heads(run)
     if "tree" in stages:
         check_tree_spec(cfg.tree.tree, "tree.tree", allow_auto=True, num_heads=num_heads)
+        if cfg.tree.latency_profile:
+            from medusa_toolkit.tuning.timing import LatencyProfile
+
+            LatencyProfile.load(Path(cfg.tree.latency_profile).expanduser())  # exists and parses
         if cfg.tree.tree == "auto" and is_file_spec(cfg.tree.prompts):  # named sets matter only without data rows
             check_prompt_source(cfg.tree.prompts, None, "tree")
     if "verify" in stages:

@@ -40,6 +40,9 @@ SHORTCUTS = [
     Shortcut("--prefix-length", "tree.prefix_length", "KV-cache length at which steps are timed", int),
     Shortcut("--batch-size", "tree.batch_size", "batch size at which steps are timed", int),
     Shortcut("--latency-repeats", "tree.latency_repeats", "timed repeats per budget (median used)", int),
+    Shortcut("--latency-profile", "tree.latency_profile", "tune for the step times of a profile measured on another "
+             "machine (--profile-latency there) instead of timing here"),
+    Shortcut("--compile", "model.compile", "compile the decoding step (auto, on, off)", choices=("auto", "on", "off")),
     Shortcut("--dtype", "model.dtype", "dtype of the base", choices=("float32", "bfloat16", "float16")),
     Shortcut("--device", "model.device", "cpu, cuda, cuda:1 ... (null: CUDA when available)"),
     Shortcut("--attn", "model.attn_implementation", "attention for decoding",
@@ -61,16 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "OUTPUT_DIR/data when it exists; a split-less dataset is used whole, with a warning)")  # fmt: skip
     p.add_argument("--out", help="tree.json to write; plots go next to it (default: OUTPUT_DIR/tree/tree.json with "
                    "a CONFIG, else ./tree.json)")  # fmt: skip
+    p.add_argument("--profile-latency", metavar="OUT.json", help="only measure this machine's step time per node "
+                   "budget for these heads and base, and write it as a latency profile (tree.latency_profile on "
+                   "another machine tunes for this one); no tree is chosen")  # fmt: skip
     return p
 
 
 def run(argv: list[str] | None) -> int:
-    from medusa_toolkit.tuning.stage import tune_from_config
+    from medusa_toolkit.tuning.stage import profile_from_config, tune_from_config
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args, SHORTCUTS)
     heads, run = heads_argument(args, cfg, "tuned"), output_dir(args, cfg)
     require_base(args)
+    if args.profile_latency:
+        profile_from_config(cfg, heads, Path(args.profile_latency))
+        return 0
+    if cfg.tree.latency_profile:
+        from medusa_toolkit.tuning.timing import LatencyProfile
+
+        LatencyProfile.load(Path(cfg.tree.latency_profile).expanduser())  # a bad file fails before any model loads
     data = Path(args.data) if args.data else (run.data if run else None)
     if args.data and not data.is_dir():
         raise ConfigError(f"--data: data dir not found: {args.data}")

@@ -53,6 +53,7 @@ class TuneResult:
     accept_length: list[float]  # expected accepted length per budget
     step_time: list[float] | None = None  # interpolated seconds per step (speed objective)
     measured_latency: dict[int, float] = field(default_factory=dict)  # the timed grid
+    latency_spread: dict[int, float] = field(default_factory=dict)  # interquartile range / median of its repeats
 
     @property
     def tokens_per_second(self) -> list[float] | None:

@@ -23,7 +23,7 @@ from medusa_toolkit.tuning import TuneError
 from medusa_toolkit.tuning.calibration import Calibration
 from medusa_toolkit.tuning.evaluate import comparison_trees, format_validation, validate
 from medusa_toolkit.tuning.search import TuneResult, choose, greedy_order, tree_for_budget
-from medusa_toolkit.tuning.timing import LATENCY_GRID, device_name, latency_grid, measure_step_times
+from medusa_toolkit.tuning.timing import LATENCY_GRID, LatencyProfile, device_name, latency_grid, measure_step_times
 
 MAX_STORED_NODES = 256  # joint acceptance table entries kept in tree.json (the most likely paths)
 
@@ -39,19 +39,25 @@ def choose_tree(
     repeats: int = 5,
     progress: bool = True,
     grid: tuple[int, ...] = LATENCY_GRID,
+    profile: LatencyProfile | None = None,
 ) -> TuneResult:
-    """The optimal tree for the objective: max expected accepted length (acceptance) or predicted tokens/s (speed)."""
+    """The optimal tree for the objective: max expected accepted length (acceptance) or predicted tokens/s (speed),
+    from step times measured here, or from `profile` (a machine measured elsewhere)."""
     if objective not in ("speed", "acceptance"):
         raise TuneError(f"objective {objective!r} is unknown; use 'speed' or 'acceptance'")
     if max_nodes < 1:
         raise TuneError(f"max nodes must be >= 1 (the root), got {max_nodes}")
     if objective == "acceptance":
         return choose(calib, max_nodes)
+    if profile is not None:
+        return choose(calib, max_nodes, profile.latency())
     order = greedy_order(calib)
     top = min(max_nodes, len(order) + 1)
     trees = {n: tree_for_budget(order, n) for n in latency_grid(top, grid)}
-    latency = measure_step_times(model, trees, prefix_length, batch_size, attn, repeats, progress=progress)
-    return choose(calib, max_nodes, latency)
+    times = measure_step_times(model, trees, prefix_length, batch_size, attn, repeats, progress=progress)
+    result = choose(calib, max_nodes, times.median)
+    result.latency_spread = times.spread
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -70,6 +76,8 @@ def tune_tree(
     calibration_source: str = "",
     progress: bool = True,
     log=print,
+    profile: LatencyProfile | None = None,
+    profile_source: str | None = None,
 ) -> dict[str, Any]:
     """Choose the tree (tc.objective, tc.max_nodes; timed at tc.batch_size x tc.prefix_length), validate it on
     `validation_prompts` (tc.calibration_max_new_tokens each), write tree.json to `out_file` and the PNG plots beside
@@ -86,8 +94,9 @@ def tune_tree(
         tc.calibration_max_new_tokens,
     )
     result = choose_tree(
-        model, calib, tc.max_nodes, objective, prefix_length, batch_size, attn, tc.latency_repeats, progress
-    )
+        model, calib, tc.max_nodes, objective, prefix_length, batch_size, attn, tc.latency_repeats, progress,
+        profile=profile,
+    )  # fmt: skip
     tree = result.tree
     order = greedy_order(calib)
     record: dict[str, Any] = {
@@ -107,7 +116,14 @@ def tune_tree(
             "prefix_length": prefix_length,
         },
         "latency": {
-            "measured": {"nodes": list(result.measured_latency), "step_time_s": list(result.measured_latency.values())},
+            # Which curve chose the tree: this machine's, or a profile measured on the machine that will serve it.
+            "source": f"profile {profile_source} ({profile.machine.get('device')})" if profile else "measured here",
+            "compiled_step": bool(model.compiled),
+            "measured": {
+                "nodes": list(result.measured_latency),
+                "step_time_s": list(result.measured_latency.values()),
+                "spread": [result.latency_spread.get(n) for n in result.measured_latency],
+            },
             "nodes": result.budgets,
             "step_time_s": result.step_time,
         },
