@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny import tiny_base
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 
 

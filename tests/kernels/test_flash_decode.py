@@ -222,7 +222,7 @@ def test_default_num_splits_heuristic():
 
 
 def test_compiled_tiles():
-    """The dispatcher's compiled tiles: what the sm_90a AOT test (tests/test_kernel_aot.py) proves spill-free."""
+    """The dispatcher's compiled tiles: what the sm_90a AOT test (tests/kernels/test_kernel_aot.py) proves spill-free."""
     for dtype in (torch.float16, torch.bfloat16):
         decode, tree = (split_kernel_config(dtype, 128, m, None, interpret=False) for m in (4, 256))
         assert (decode.block_m, decode.block_n, decode.num_warps) == (16, 64, 4)

@@ -19,7 +19,7 @@ from medusa_toolkit.pipeline.stages import StageRun
 from medusa_toolkit.train import checkpoints, losses, trainer
 from medusa_toolkit.train.cli import main as cli_main
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # the torchrun scripts beside this file
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_two_ranks_identical_heads_written_once(tmp_path, tiny):
     cfg = tmp_path / "cfg.json"
     raw = base_config(model, max_steps=4, micro_batch_size=4, deepspeed={"zero_stage": 2})
     cfg.write_text(json.dumps(raw))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     cmd = [
         sys.executable,
         "-m",
@@ -187,7 +187,7 @@ def test_two_ranks_identical_heads_written_once(tmp_path, tiny):
         "2",
         "--master_port",
         "29533",
-        str(ROOT / "tests" / "train_two_ranks.py"),
+        str(HERE / "train_two_ranks.py"),
         str(cfg),
         str(tmp_path / "run"),
     ]
@@ -314,9 +314,9 @@ def test_zero3_partitioned_base_two_ranks_equals_one_rank(tmp_path, ragged):
     run = tmp_path / "z3"
     run.mkdir()
     os.symlink(data_run / "data", run / "data")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-           str(ROOT / "tests" / "train_two_ranks_zero3.py"), str(cfg), str(run)]  # fmt: skip
+           str(HERE / "train_two_ranks_zero3.py"), str(cfg), str(run)]  # fmt: skip
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for r in range(2):
@@ -336,9 +336,9 @@ def test_teacher_cache_decision_is_taken_by_all_ranks(tmp_path, tiny):
     from transformers import AutoModelForCausalLM
 
     model, _, _ = tiny
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
-           str(ROOT / "tests" / "teacher_lockstep_two_ranks.py"), str(model), str(tmp_path)]  # fmt: skip
+           str(HERE / "teacher_lockstep_two_ranks.py"), str(model), str(tmp_path)]  # fmt: skip
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     base = AutoModelForCausalLM.from_pretrained(model).eval()
