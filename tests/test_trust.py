@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import BYTE_VOCAB, tiny_model_dir
 
 from medusa_toolkit import MedusaHeads
 from medusa_toolkit.config import config_from_dict, load_config
 from medusa_toolkit.export.cli import main as export_main
 from medusa_toolkit.pipeline import stages
+from medusa_toolkit.testing.tiny import BYTE_VOCAB, tiny_model_dir
 from medusa_toolkit.train.cli import main as train_main
 from medusa_toolkit.verify.cli import main as verify_main
 

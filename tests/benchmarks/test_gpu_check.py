@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_base
+
+from medusa_toolkit.testing.tiny import tiny_base
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"

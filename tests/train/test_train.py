@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_model_dir
-from train_helpers import base_config, write_permutation_data
 
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.model.heads import MedusaHeads
 from medusa_toolkit.pipeline.stages import StageRun
+from medusa_toolkit.testing.runs import base_config, write_permutation_data
+from medusa_toolkit.testing.tiny import tiny_model_dir
 from medusa_toolkit.train import checkpoints, losses, trainer
 from medusa_toolkit.train.cli import main as cli_main
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-from medusa_toolkit import MedusaHeads, MedusaModel
 from medusa_toolkit.model.base_model import freeze
+from medusa_toolkit.model.heads import MedusaHeads
+from medusa_toolkit.model.medusa_model import MedusaModel
 
 VOCAB = 256
 # A branching tree with rank > 0 nodes at several depths (rejections and non-top-1 acceptances both happen).

@@ -1,4 +1,4 @@
-"""Data artefacts and configs for the training tests (no network, seconds to build); models come from tiny.py."""
+"""Data artefacts and configs for tiny-model runs (no network, seconds to build); models come from `testing.tiny`."""
 
 from __future__ import annotations
 
