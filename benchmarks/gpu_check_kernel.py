@@ -79,6 +79,8 @@ def correctness_cases(sizes: Sizes) -> list[Case]:
 def make_case_inputs(case: Case, device, seed: int):
     import torch
 
+    from medusa_toolkit.testing.trees import random_tree_mask
+
     g = torch.Generator(device="cpu").manual_seed(seed)
     gd = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: 128k-key caches are big
     dt = dtypes()[case.dtype]
@@ -91,8 +93,7 @@ def make_case_inputs(case: Case, device, seed: int):
         k, v = k[:, :, : case.S], v[:, :, : case.S]
     tree = None
     if case.tree:
-        trees = [random_tree(case.T, g) for _ in range(case.B if case.tree == "batch" else 1)]
-        tree = (torch.stack(trees) if case.tree == "batch" else trees[0]).to(device)
+        tree = random_tree_mask(case.T, g, batch=case.B if case.tree == "batch" else None).to(device)
     lens = None
     if case.padded:
         lens = torch.randint(case.T, case.S + 1, (case.B,), generator=g)
@@ -102,18 +103,6 @@ def make_case_inputs(case: Case, device, seed: int):
             k[b, :, int(lens[b]) :] = float("nan")
             v[b, :, int(lens[b]) :] = float("nan")
     return q, k, v, tree, lens
-
-
-def random_tree(T: int, g):
-    """A random valid tree mask [T, T]: node i hangs under a random earlier node, sees itself and its ancestors."""
-    import torch
-
-    mask = torch.zeros(T, T, dtype=torch.bool)
-    for i in range(T):
-        if i > 0:
-            mask[i] = mask[int(torch.randint(0, i, (1,), generator=g))]
-        mask[i, i] = True
-    return mask
 
 
 def reference_f64(q, k, v, tree, lens):

@@ -7,7 +7,6 @@ import functools
 import math
 import time
 
-from gpu_check_kernel import random_tree
 from gpu_check_run import Run, Sizes, bench
 
 
@@ -71,6 +70,7 @@ def speed_case(B: int, T: int, S: int, heads: tuple, device, copy_bw: float, fla
     import torch
 
     from medusa_toolkit.kernels.flash_decode import dense_attention_mask, flash_decode, pack_tree_mask
+    from medusa_toolkit.testing.trees import random_tree_mask
 
     Hq, Hkv, D = heads
     dt = torch.bfloat16
@@ -82,7 +82,7 @@ def speed_case(B: int, T: int, S: int, heads: tuple, device, copy_bw: float, fla
         k = torch.randn(B, Hkv, S, D, device=device, dtype=dt)
         data.append((torch.randn(B, Hq, T, D, device=device, dtype=dt), k, torch.randn_like(k)))
     g = torch.Generator().manual_seed(S + T)
-    tree = torch.stack([random_tree(T, g) for _ in range(B)]).to(device) if T > 1 else None
+    tree = random_tree_mask(T, g, batch=B).to(device) if T > 1 else None
     packed = pack_tree_mask(tree) if tree is not None else None
     mask = dense_attention_mask(T, S, tree, batch=B, device=device)[:, None] if T > 1 else None
     rotation = Rotation(data)
@@ -151,6 +151,7 @@ def splits_case(B: int, T: int, S: int, heads: tuple, device, deadline: float) -
         pack_tree_mask,
         split_kernel_config,
     )
+    from medusa_toolkit.testing.trees import random_tree_mask
 
     Hq, Hkv, D = heads
     dt = torch.bfloat16
@@ -158,7 +159,7 @@ def splits_case(B: int, T: int, S: int, heads: tuple, device, deadline: float) -
     q = torch.randn(B, Hq, T, D, device=device, dtype=dt)
     k = torch.randn(B, Hkv, S, D, device=device, dtype=dt)
     v = torch.randn_like(k)
-    tree = pack_tree_mask(random_tree(T, torch.Generator().manual_seed(1)).to(device)) if T > 1 else None
+    tree = pack_tree_mask(random_tree_mask(T, torch.Generator().manual_seed(1)).to(device)) if T > 1 else None
     rows_m = Hq // Hkv * T
     cfg = split_kernel_config(dt, D, rows_m, T if T > 1 else None)
     m_blocks = -(-rows_m // cfg.block_m)
@@ -190,6 +191,7 @@ def section_tiles(run: Run, deadline: float, device, sizes: Sizes) -> dict:
     import torch
 
     from medusa_toolkit.kernels.flash_decode import _flash_decode_triton, pack_tree_mask, split_kernel_config
+    from medusa_toolkit.testing.trees import random_tree_mask
 
     Hq, Hkv, D = sizes.speed_heads
     dt = torch.bfloat16
@@ -199,7 +201,7 @@ def section_tiles(run: Run, deadline: float, device, sizes: Sizes) -> dict:
         q = torch.randn(1, Hq, T, D, device=device, dtype=dt)
         k = torch.randn(1, Hkv, S, D, device=device, dtype=dt)
         v = torch.randn_like(k)
-        tree = pack_tree_mask(random_tree(T, torch.Generator().manual_seed(2)).to(device)) if T > 1 else None
+        tree = pack_tree_mask(random_tree_mask(T, torch.Generator().manual_seed(2)).to(device)) if T > 1 else None
         base = split_kernel_config(dt, D, Hq // Hkv * T, T if T > 1 else None)
         # The dispatcher's own tile first (the reference the others are read against), then the sweep.
         for n, st in dict.fromkeys([(base.block_n, base.num_stages), *sizes.tile_sweep]):

@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
 from medusa_toolkit.kernels import hf_attention  # noqa: E402
 from medusa_toolkit.kernels.flash_decode import HAS_TRITON, INTERPRET  # noqa: E402
 from medusa_toolkit.kernels.hf_attention import ATTN_NAME, get_backend, register_attention, set_backend  # noqa: E402
+from medusa_toolkit.testing.trees import random_tree_mask, tree_depths  # noqa: E402
 
 register_attention()  # the tests below select ATTN_NAME by name
 
@@ -93,17 +94,6 @@ def test_greedy_generate_matches_sdpa(family, backend, count_kernel_calls):
     assert len(count_kernel_calls) == 2 * 20 and set(count_kernel_calls) == {backend}  # prefill + 19 steps, 2 layers
 
 
-def random_tree(T: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random valid tree mask [T, T] (node i sees itself and its ancestors) and each node's depth."""
-    mask = torch.zeros(T, T, dtype=torch.bool)
-    depth = torch.zeros(T, dtype=torch.long)
-    for i in range(1, T):
-        parent = int(torch.randint(0, i, (1,), generator=gen))
-        mask[i], depth[i] = mask[parent], depth[parent] + 1
-    mask |= torch.eye(T, dtype=torch.bool)
-    return mask, depth
-
-
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_tree_forward_matches_sdpa_with_dense_mask(family, backend, count_kernel_calls):
@@ -112,9 +102,8 @@ def test_tree_forward_matches_sdpa_with_dense_mask(family, backend, count_kernel
     gen = torch.Generator().manual_seed(2)
     prefix = torch.randint(2, 128, (B, P), generator=gen).to(DEVICE)
     tree_tokens = torch.randint(2, 128, (B, T), generator=gen).to(DEVICE)
-    trees = [random_tree(T, gen) for _ in range(B)]
-    tree_mask = torch.stack([m for m, _ in trees]).to(DEVICE)  # [B, T, T]: a different tree per row
-    position_ids = P + torch.stack([d for _, d in trees]).to(DEVICE)
+    tree_mask = random_tree_mask(T, gen, batch=B).to(DEVICE)  # [B, T, T]: a different tree per row
+    position_ids = P + tree_depths(tree_mask)
 
     # What the sdpa model needs instead: a dense additive [B, 1, T, P + T] mask.
     allowed = torch.cat([torch.ones(B, T, P, dtype=torch.bool, device=DEVICE), tree_mask], dim=-1)[:, None]
