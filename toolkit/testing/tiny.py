@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from medusa_toolkit.model.base_model import freeze
-from medusa_toolkit.model.heads import MedusaHeads
 from medusa_toolkit.model.medusa_model import MedusaModel
+from medusa_toolkit.testing.heads import fit_heads, greedy_corpus
 
 VOCAB = 256
 # A branching tree with rank > 0 nodes at several depths (rejections and non-top-1 acceptances both happen).
@@ -54,44 +54,6 @@ def tiny_base(
         config.sliding_window = None
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     return freeze(model)
-
-
-@torch.no_grad()
-def greedy_corpus(base, num: int = 16, prompt_len: int = 4, new: int = 48, seed: int = 0) -> torch.Tensor:
-    """The base's own greedy continuations of random prompts: what Medusa heads learn to predict."""
-    g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(0, base.config.vocab_size, (num, prompt_len), generator=g)
-    return base.generate(prompts, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
-
-
-def fit_heads(
-    base, num_heads: int = 4, steps: int = 150, seed: int = 0, head_type: str = "per_head_lm_head"
-) -> MedusaHeads:
-    """Self-distil heads on the base's greedy text for a few Adam steps: enough for multi-token acceptance."""
-    torch.manual_seed(seed)
-    heads = MedusaHeads(base.config.hidden_size, base.config.vocab_size, num_heads, head_type=head_type)
-    heads.init_from_lm_head(base.lm_head.weight)
-    tokens = greedy_corpus(base, seed=seed)
-    with torch.no_grad():
-        hidden = base.get_decoder()(tokens).last_hidden_state
-    opt = torch.optim.Adam(heads.parameters(), lr=3e-3)
-    for _ in range(steps):
-        logits = heads(hidden, base.lm_head)  # [H, B, T, V]
-        loss = 0.0
-        for k in range(num_heads):
-            shift = k + 2
-            loss = loss + torch.nn.functional.cross_entropy(
-                logits[k, :, :-shift].reshape(-1, logits.shape[-1]), tokens[:, shift:].reshape(-1)
-            )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return heads.eval()
-
-
-def tiny_medusa(family: str = "llama", seed: int = 0, num_heads: int = 4, steps: int = 150, **kw) -> MedusaModel:
-    base = tiny_base(family, seed, **kw)
-    return MedusaModel(base, fit_heads(base, num_heads, steps, seed))
 
 
 @functools.cache
