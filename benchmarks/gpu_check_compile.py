@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from gpu_check_run import Run, Sizes, ensure_importable, sync
+from gpu_check_run import Run, Sizes, ensure_importable
 
 
 def _variant_inputs(cfg, device):
@@ -28,6 +28,7 @@ def compile_variants(configs, device_name: str) -> list[str]:
     import torch
 
     from medusa_toolkit.kernels.flash_decode import flash_decode
+    from medusa_toolkit.tuning.timing import sync
 
     device = torch.device(device_name)
     problems = []

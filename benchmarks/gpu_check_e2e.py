@@ -7,13 +7,11 @@ import functools
 import inspect
 import time
 
-from gpu_check_run import Run, Sizes, dtypes, sync
+from gpu_check_run import Run, Sizes, dtypes
 
 # Random weights with the checkpoint's std (0.02) decode one token over and over; 0.1 gives varied greedy text and
 # logit gaps like a trained model's (median top-2 gap ~0.35), so exactness and acceptance mean something.
 RANDOM_INIT_STD = 0.1
-# Per-dtype logit gap under which a divergence counts as a numerical tie (medusa_toolkit.verify's defaults).
-TIE_TOLERANCE = {"float32": 1e-4, "float16": 0.1, "bfloat16": 0.5}
 
 
 def build_base(sizes: Sizes, device):
@@ -29,38 +27,6 @@ def build_base(sizes: Sizes, device):
     return base
 
 
-def fit_heads(base, sizes: Sizes, device, deadline: float):
-    """Heads self-distilled briefly on the base's own greedy text (4 heads, per-head vocab projections)."""
-    import torch
-
-    from medusa_toolkit import MedusaHeads
-    from medusa_toolkit.train.losses import MedusaObjective
-
-    n, plen, new = sizes.corpus
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, base.config.vocab_size, (n, plen), generator=g).to(device)
-    with torch.no_grad():
-        corpus = base.generate(
-            prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=new,
-            min_new_tokens=new, pad_token_id=base.config.pad_token_id,
-        )  # fmt: skip
-        hidden = base.get_decoder()(corpus).last_hidden_state
-    heads = MedusaHeads(base.config.hidden_size, base.config.vocab_size, 4, head_type="per_head_lm_head").to(device)
-    heads.init_from_lm_head(base.get_output_embeddings().weight)
-    objective = MedusaObjective(heads, base.get_output_embeddings().weight, loss="ce", decay=0.8)
-    opt = torch.optim.Adam(heads.parameters(), lr=3e-3)
-    mask = torch.ones_like(corpus)
-    steps, stats = 0, None
-    while steps < sizes.fit_steps and (steps == 0 or time.perf_counter() < deadline):
-        loss, stats = objective(hidden, corpus, mask)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        steps += 1
-    top1 = (stats[:, 2] / stats[:, 1].clamp(min=1)).tolist()
-    return heads.eval(), corpus, steps, top1
-
-
 def generate_batch(model, input_ids, attention_mask, max_new_tokens: int, **kw):
     """Batched Medusa decoding through the public API: `medusa_generate_batch` where the toolkit exports it, else
     `medusa_generate` with an attention mask (which took batches before the decoding API was split)."""
@@ -73,16 +39,12 @@ def generate_batch(model, input_ids, attention_mask, max_new_tokens: int, **kw):
     return medusa_toolkit.medusa_generate(model, input_ids, max_new_tokens, attention_mask=attention_mask, **kw)
 
 
-def first_divergence(ref: list, got: list) -> int | None:
-    for i, (a, b) in enumerate(zip(ref, got)):
-        if a != b:
-            return i
-    return None if len(ref) == len(got) else min(len(ref), len(got))
-
-
 def classify(base, ref_row, got_row, prompt_len: int, dtype_name: str) -> dict:
-    """exact, or the first divergence: a tie when the reference's logits there are within the tie tolerance."""
+    """exact, or the first divergence: a tie when the reference's logits there are within the tie tolerance (the
+    verifier's own rule and per-dtype defaults, from the reference's logits recomputed for the prefix)."""
     import torch
+
+    from medusa_toolkit.verify.verifier import classify_divergence, default_tie_tolerance, first_divergence
 
     ref, got = ref_row.tolist(), got_row.tolist()
     i = first_divergence(ref, got)
@@ -92,9 +54,8 @@ def classify(base, ref_row, got_row, prompt_len: int, dtype_name: str) -> dict:
         return {"result": "mismatch", "position": i - prompt_len, "why": "different lengths"}
     with torch.no_grad():
         prefix = torch.tensor([ref[:i]], device=next(base.parameters()).device)
-        logits = base(prefix, attention_mask=torch.ones_like(prefix)).logits[0, -1].float()
-    gap = (logits[ref[i]] - logits[got[i]]).item()
-    kind = "tie" if gap <= TIE_TOLERANCE[dtype_name] else "mismatch"
+        logits = base(prefix, attention_mask=torch.ones_like(prefix)).logits[0, -1]
+    kind, _, gap = classify_divergence(logits, ref[i], got[i], default_tie_tolerance(dtype_name))
     return {"result": kind, "position": i - prompt_len, "ref_token": ref[i], "got_token": got[i], "logit_gap": gap}
 
 
@@ -117,6 +78,7 @@ def section_e2e(run: Run, deadline: float, device, sizes: Sizes) -> dict:
     from transformers import LlamaModel
 
     from medusa_toolkit import MedusaModel, MedusaTree, medusa_generate
+    from medusa_toolkit.testing.heads import fit_heads_on, greedy_corpus
 
     if "cache" not in inspect.signature(LlamaModel.forward).parameters:
         import transformers
@@ -128,7 +90,10 @@ def section_e2e(run: Run, deadline: float, device, sizes: Sizes) -> dict:
         }
     t0 = time.perf_counter()
     base = build_base(sizes, device)
-    heads, corpus, fit_steps, top1 = fit_heads(base, sizes, device, deadline=t0 + 0.2 * (deadline - t0))
+    n, plen, new = sizes.corpus
+    corpus = greedy_corpus(base, n, plen, new, seed=0, low=3)  # ids 0-2 are SmolLM2's special tokens
+    fit = fit_heads_on(base, corpus, num_heads=4, steps=sizes.fit_steps, deadline=t0 + 0.2 * (deadline - t0))
+    heads, fit_steps, top1 = fit.heads, fit.steps, fit.top1
     run.log(
         f"   base {sum(p.numel() for p in base.parameters()) / 1e6:.0f}M params; heads fitted {fit_steps} steps, top-1 {[round(x, 2) for x in top1]}"
     )
@@ -205,6 +170,7 @@ def speed_e2e(run: Run, deadline: float, device, base, model, trees: dict, corpu
     import torch
 
     from medusa_toolkit import medusa_generate
+    from medusa_toolkit.tuning.timing import sync
 
     N = sizes.speed_new_tokens
     rows = []

@@ -217,10 +217,3 @@ def bench(fn, device, warmup_ms: float = 20, rep_ms: float = 80) -> float:
         times.append(time.perf_counter() - t0)
     torch.tensor(0)  # keep the signature symmetric; nothing to synchronise on the CPU
     return sorted(times)[len(times) // 2]
-
-
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -7,7 +7,7 @@ import os
 import time
 
 from gpu_check_e2e import build_base
-from gpu_check_run import Run, Sizes, sync
+from gpu_check_run import Run, Sizes
 
 
 def section_train(run: Run, deadline: float, device, sizes: Sizes) -> dict:
@@ -15,6 +15,7 @@ def section_train(run: Run, deadline: float, device, sizes: Sizes) -> dict:
 
     from medusa_toolkit import MedusaHeads
     from medusa_toolkit.train.losses import MedusaObjective
+    from medusa_toolkit.tuning.timing import sync
 
     base = build_base(sizes, device).to(torch.bfloat16)
     n, length = sizes.train_batch

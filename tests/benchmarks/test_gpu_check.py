@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from medusa_toolkit.testing.tiny import tiny_base
+from medusa_toolkit.verify.verifier import first_divergence
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
@@ -59,9 +60,9 @@ def test_cpu_dry_run_runs_every_section(tmp_path):
 def test_exactness_bookkeeping_catches_a_wrong_token(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script's section modules import each other by name
     gpu_check = importlib.import_module("gpu_check_e2e")
-    assert gpu_check.first_divergence([1, 2, 3], [1, 2, 3]) is None
-    assert gpu_check.first_divergence([1, 2, 3], [1, 5, 3]) == 1
-    assert gpu_check.first_divergence([1, 2, 3], [1, 2]) == 2
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None  # the verifier's, which gpu_check uses
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert first_divergence([1, 2, 3], [1, 2]) == 2
     base = tiny_base("llama", seed=3)
     ids = torch.tensor([[5, 9, 17, 33]])
     with torch.no_grad():
