@@ -7,6 +7,7 @@ keyed by its arguments): modules asking for the same model share it, so treat it
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -129,6 +130,36 @@ def tiny_model_dir(path: Path, seed: int = 0, chat_template: bool = True, max_po
     base = tiny_base("llama", seed, vocab=BYTE_VOCAB, eos=EOS)
     base.config.max_position_embeddings = max_positions
     return save_model_dir(base, path, chat_template)
+
+
+def lookup_model_dir(path: Path, next_token: Mapping[int, int], seed: int = 0, logit: float = 2.0) -> Path:
+    """A tiny Llama folder (`tiny_model_dir`'s: byte tokenizer, vocab 258, EOS 257) whose greedy next token after a
+    token x in `next_token` is next_token[x], whatever came before it: a lookup table the data stage's greedy
+    generation writes out token by token (a permutation of the tokens gives a learnable language; a chain ending in
+    EOS, answers of chosen lengths).
+
+    How: every layer adds nothing (o_proj and down_proj are zero), so the last hidden state at a token is its
+    normalised embedding; the keys' embeddings are orthonormal directions (keys < 64, the hidden size), and lm_head row
+    next_token[x] points along x's direction, so it wins by `logit` over every other token (which all score 0 there).
+    Tokens outside the table (BOS, template bytes) keep random embeddings and lead into it.
+    """
+    base = tiny_base("llama", seed, vocab=BYTE_VOCAB, eos=EOS)
+    hidden = base.config.hidden_size
+    if any(not 0 <= x < hidden for x in next_token):
+        raise ValueError(f"lookup_model_dir: table keys must be token ids below the hidden size ({hidden})")
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.linalg.qr(torch.randn(hidden, hidden, generator=g))[0].T  # orthonormal rows
+    with torch.no_grad():
+        for layer in base.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = base.get_input_embeddings().weight, base.lm_head.weight
+        head.zero_()
+        for x, y in next_token.items():
+            embed[x] = directions[x]
+            # The final RMSNorm scales a unit vector to length sqrt(hidden): the winning logit is exactly `logit`.
+            head[y] += directions[x] * logit / hidden**0.5
+    return save_model_dir(base, path)
 
 
 def char_model_dir(path: Path, seed: int = 0) -> Path:
