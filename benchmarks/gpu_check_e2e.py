@@ -15,16 +15,10 @@ RANDOM_INIT_STD = 0.1
 
 
 def build_base(sizes: Sizes, device):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The random Llama of `sizes.model` (SmolLM2-135M-shaped on the GPU), frozen, SDPA attention, on `device`."""
+    from medusa_toolkit.testing.tiny import tiny_base
 
-    config = LlamaConfig(**sizes.model, initializer_range=RANDOM_INIT_STD)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config).to(device).eval()
-    base.set_attn_implementation("sdpa")
-    for p in base.parameters():
-        p.requires_grad_(False)
-    return base
+    return tiny_base("llama", seed=0, initializer_range=RANDOM_INIT_STD, **sizes.model).to(device)
 
 
 def generate_batch(model, input_ids, attention_mask, max_new_tokens: int, **kw):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from medusa_toolkit.model.base_model import freeze
 from medusa_toolkit.model.medusa_model import MedusaModel
@@ -20,11 +21,6 @@ from medusa_toolkit.testing.heads import fit_heads, greedy_corpus
 VOCAB = 256
 # A branching tree with rank > 0 nodes at several depths (rejections and non-top-1 acceptances both happen).
 BRANCHING = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 0, 0]]
-_CONFIGS = {
-    "llama": LlamaConfig,
-    "qwen2": Qwen2Config,
-    "mistral": MistralConfig,
-}
 
 
 def tiny_base(
@@ -34,10 +30,14 @@ def tiny_base(
     layers: int = 2,
     eos: int | None = None,
     head_dim: int = 16,
-):
-    """A tiny random decoder of the given family (GQA: 4 query heads, 2 KV heads), frozen, float32."""
+    attn: str = "sdpa",
+    **config: Any,
+) -> PreTrainedModel:
+    """A tiny random decoder of any transformers family (`AutoConfig.for_model`: llama, qwen2, mistral, gpt_oss,
+    gemma2, ...), seeded, frozen, float32: hidden 64, 4 query heads over 2 KV heads (GQA) of `head_dim`, an untied
+    lm_head. `config` sets or adds config fields (special token ids, a sliding window, a logit soft-cap, sizes)."""
     torch.manual_seed(seed)
-    config = _CONFIGS[family](
+    fields = dict(
         vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
@@ -52,8 +52,11 @@ def tiny_base(
         tie_word_embeddings=False,
     )
     if family == "mistral":
-        config.sliding_window = None
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        fields["sliding_window"] = None  # full attention unless a test asks for a window
+    fields.update(config)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(family, **fields), dtype=torch.float32, attn_implementation=attn
+    )
     return freeze(model)
 
 
@@ -166,7 +169,7 @@ def char_model_dir(path: Path, seed: int = 0) -> Path:
     """A tiny random Llama with a character-level tokenizer and a chat template, saved as a HF folder: decode and
     encode round-trip exactly, so a server's text gives back the very ids the model generated."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
 
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -181,11 +184,8 @@ def char_model_dir(path: Path, seed: int = 0) -> Path:
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     eos, bos = vocab["<|im_end|>"], vocab["<s>"]
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                         bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = tiny_base("llama", seed, vocab=len(vocab), eos=eos, max_position_embeddings=512, bos_token_id=bos,
+                      pad_token_id=eos, tie_word_embeddings=True)  # fmt: skip
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(8)  # peaked: replies end (EOS) within a few dozen tokens now and then
     model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
