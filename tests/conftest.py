@@ -27,6 +27,7 @@ from huggingface_hub import constants as hub_constants  # noqa: E402
 # A local Hub-compatible server for push tests (medusa_toolkit.testing.hub_server), with the real huggingface_hub client
 # online.
 from medusa_toolkit.testing.hub_server import HubServer  # noqa: E402
+from medusa_toolkit.testing.tiny import tiny_model_dir  # noqa: E402
 
 HUB_TOKEN = "hf_test_token"
 
@@ -51,3 +52,9 @@ def hub_env(monkeypatch, tmp_path):
     yield start
     for hub in servers:
         hub.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with the byte tokenizer as a model folder (`tiny_model_dir`), built once; read-only."""
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-model") / "model")
