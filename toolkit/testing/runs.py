@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,7 +13,7 @@ from medusa_toolkit.pipeline.stages import run_pipeline
 from medusa_toolkit.testing.tiny import BOS, EOS, byte_tokenizer, lookup_model_dir
 
 
-def base_config(model_dir: Path, **train) -> dict:
+def base_config(model_dir: Path, **train: Any) -> dict:
     """A raw config for the tiny model: small data and training, no wandb, no progress bars."""
     return {
         "model": {"name_or_path": str(model_dir)},

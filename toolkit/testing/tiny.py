@@ -1,7 +1,9 @@
-"""Tiny random base models, quickly fitted heads, a byte tokenizer and on-disk model folders, shared by the tests.
+"""Tiny models: random bases of any family, bases with fitted heads, a byte tokenizer and on-disk model folders.
 
-`fitted(...)` builds a tiny model with heads self-distilled on its own greedy text ONCE per test session (a cache
-keyed by its arguments): modules asking for the same model share it, so treat it as read-only.
+The one builder of the test suite's models (and of gpu_check's random base): `tiny_base` makes every random decoder;
+`fitted(...)` adds heads self-distilled on its own greedy text ONCE per process (a cache keyed by its arguments), so
+modules asking for the same model share it: treat it as read-only. The folders (`tiny_model_dir`, `lookup_model_dir`,
+`char_model_dir`) are what `model.name_or_path` and `medusa-verify --base` read, offline.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from medusa_toolkit.model.base_model import freeze
 from medusa_toolkit.model.medusa_model import MedusaModel
@@ -68,7 +70,7 @@ def fitted(
     steps: int = 120,
     sharpen: bool = False,
     lm_head_scale: float = 1.0,
-    **base_kw,
+    **base_kw: Any,
 ) -> tuple[MedusaModel, torch.Tensor]:
     """A tiny base with heads fitted to its own greedy text, and that text [16, 52]; built once per session.
 
@@ -103,10 +105,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def byte_tokenizer(chat_template: bool = True):
-    """A byte-level tokenizer: 256 byte tokens + <s> (256) + </s> (257), built offline."""
+def byte_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer: 256 byte tokens + <s> (256) + </s> (257), built offline; with a minimal chat template
+    unless `chat_template` is False."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
@@ -121,7 +123,7 @@ def byte_tokenizer(chat_template: bool = True):
     return fast
 
 
-def save_model_dir(base, path: Path, chat_template: bool = True) -> Path:
+def save_model_dir(base: PreTrainedModel, path: Path, chat_template: bool = True) -> Path:
     """A base model + the byte tokenizer as a HF folder (what load_base_model reads)."""
     base.save_pretrained(path)
     byte_tokenizer(chat_template).save_pretrained(path)
@@ -169,7 +171,7 @@ def char_model_dir(path: Path, seed: int = 0) -> Path:
     """A tiny random Llama with a character-level tokenizer and a chat template, saved as a HF folder: decode and
     encode round-trip exactly, so a server's text gives back the very ids the model generated."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GenerationConfig, PreTrainedTokenizerFast
+    from transformers import GenerationConfig
 
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
