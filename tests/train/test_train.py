@@ -177,7 +177,7 @@ def test_two_ranks_identical_heads_written_once(tmp_path, tiny):
     cfg = tmp_path / "cfg.json"
     raw = base_config(model, max_steps=4, micro_batch_size=4, deepspeed={"zero_stage": 2})
     cfg.write_text(json.dumps(raw))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     cmd = [
         sys.executable,
         "-m",
@@ -315,7 +315,7 @@ def test_zero3_partitioned_base_two_ranks_equals_one_rank(tmp_path, ragged):
     run = tmp_path / "z3"
     run.mkdir()
     os.symlink(data_run / "data", run / "data")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
            str(HERE / "train_two_ranks_zero3.py"), str(cfg), str(run)]  # fmt: skip
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -337,7 +337,7 @@ def test_teacher_cache_decision_is_taken_by_all_ranks(tmp_path, tiny):
     from transformers import AutoModelForCausalLM
 
     model, _, _ = tiny
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
            str(HERE / "teacher_lockstep_two_ranks.py"), str(model), str(tmp_path)]  # fmt: skip
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
