@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny.py for --tiny
-
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(r) for r in rows)
@@ -50,7 +48,8 @@ def load(args):
     from medusa_toolkit import MedusaHeads, MedusaModel, load_base_model
 
     if args.tiny:
-        from tiny import fit_heads, greedy_corpus, tiny_base
+        from medusa_toolkit.testing.heads import fit_heads, greedy_corpus
+        from medusa_toolkit.testing.tiny import tiny_base
 
         base = tiny_base("llama", seed=1)
         model = MedusaModel(base, fit_heads(base, num_heads=4, steps=150, seed=1))

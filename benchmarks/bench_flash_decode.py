@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from medusa_toolkit.testing.trees import random_tree_mask
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -34,18 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=["flash_decode", "sdpa", "flex", "flash_attn"])
     p.add_argument("--no-check", action="store_true", help="skip comparing every method's output to flash_decode")
     return p.parse_args(argv)
-
-
-def random_tree_mask(T: int, batch: int, device: torch.device) -> torch.Tensor:
-    """A random valid tree per row (node i hangs under a random earlier node; sees itself and its ancestors)."""
-    masks = torch.zeros(batch, T, T, dtype=torch.bool)
-    gen = torch.Generator().manual_seed(0)
-    for b in range(batch):
-        for i in range(T):
-            if i > 0:
-                masks[b, i] = masks[b, int(torch.randint(0, i, (1,), generator=gen))]
-            masks[b, i, i] = True
-    return masks.to(device)
 
 
 def make_methods(names: list[str], q, k, v, tree_mask, num_splits):
@@ -109,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                 q = torch.randn(B, args.q_heads, T, args.head_dim, device=device, dtype=dtype)
                 k = torch.randn(B, args.kv_heads, S, args.head_dim, device=device, dtype=dtype)
                 v = torch.randn_like(k)
-                tree_mask = random_tree_mask(T, B, device) if T > 1 else None
+                tree_mask = random_tree_mask(T, torch.Generator().manual_seed(0), batch=B).to(device) if T > 1 else None
                 try:
                     methods = make_methods(args.methods, q, k, v, tree_mask, args.num_splits)
                 except torch.OutOfMemoryError:

@@ -1,7 +1,9 @@
-"""Test-wide environment: CPU Triton interpreter, no network, no wandb uploads, tests/ helpers importable."""
+"""Test-wide environment (CPU Triton interpreter, no network, no wandb uploads) and the fixtures several rooms share.
+
+Helpers live in the package (`medusa_toolkit.testing`), not in tests/: nothing here is put on sys.path.
+"""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,12 +24,10 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "medu
 # huggingface_hub reads these when it is imported: set them first, so nothing in the suite waits on the network.
 from huggingface_hub import constants as hub_constants  # noqa: E402
 
-# tests/tiny.py and other helpers import as plain modules.
-sys.path.insert(0, str(Path(__file__).parent))
-
-
-# A local Hub-compatible server for push tests (tests/hub_server.py), with the real huggingface_hub client online.
-from hub_server import HubServer  # noqa: E402
+# A local Hub-compatible server for push tests (medusa_toolkit.testing.hub_server), with the real huggingface_hub client
+# online.
+from medusa_toolkit.testing.hub_server import HubServer  # noqa: E402
+from medusa_toolkit.testing.tiny import tiny_model_dir  # noqa: E402
 
 HUB_TOKEN = "hf_test_token"
 
@@ -52,6 +52,12 @@ def hub_env(monkeypatch, tmp_path):
     yield start
     for hub in servers:
         hub.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with the byte tokenizer as a model folder (`tiny_model_dir`), built once; read-only."""
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-model") / "model")
 
 
 @pytest.fixture(autouse=True)

@@ -20,21 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import BYTE_VOCAB, tiny_model_dir
 
 from medusa_toolkit import MedusaHeads
 from medusa_toolkit.export.cli import main as export_main
 from medusa_toolkit.run_dir import RunDir
+from medusa_toolkit.testing.tiny import BYTE_VOCAB
 from medusa_toolkit.train.cli import main as train_main
 from medusa_toolkit.tuning.cli import main as tune_main
 from medusa_toolkit.verify.cli import main as verify_main
 
 TOKEN = "hf_test_token"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("faults") / "model")
 
 
 def config(tmp_path: Path, model_dir: Path, run: Path, **sections) -> str:

@@ -71,7 +71,7 @@ def test_python_m_from_the_repo_root():
 def test_python_m_pytest_from_the_repo_root():
     """`python -m pytest` puts the repo root on sys.path: collecting a test module that imports transformers works."""
     proc = _run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_tree.py"]
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/model/test_tree.py"]
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "test_tree.py::" in proc.stdout

@@ -1,7 +1,8 @@
 """The house rules of the source tree: imports run one way, from the jobs down to the leaves.
 
   root leaves (errors, config, digest, prompts, ...)  <  model/  <  decoding/  <  pipeline/  <  tuning/
-  <  train/, verify/, export/ (the jobs; none imports another)        kernels/ imports nothing of ours.
+  <  train/, verify/, export/ (the jobs; none imports another), testing/ (test helpers, beside the jobs: it imports
+  no job, and nothing imports it)        kernels/ imports nothing of ours.
 
 A module may import its own room and the rooms below it, never one above; `medusa_toolkit/__init__.py` (the public
 API) is the one exception. toolkit/ names train/verify/export only as "module:function" strings, and only in
@@ -19,7 +20,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 FOLDERS = {"toolkit": "medusa_toolkit", "train": "medusa_toolkit.train", "verify": "medusa_toolkit.verify",
            "export": "medusa_toolkit.export", "kernels": "medusa_toolkit.kernels"}  # fmt: skip
-RANK = {"leaf": 0, "model": 1, "decoding": 2, "pipeline": 3, "tuning": 4, "train": 5, "verify": 5, "export": 5}
+RANK = {"leaf": 0, "model": 1, "decoding": 2, "pipeline": 3, "tuning": 4,
+        "train": 5, "verify": 5, "export": 5, "testing": 5}  # fmt: skip
 
 
 def modules() -> dict[str, Path]:

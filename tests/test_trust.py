@@ -13,22 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import BYTE_VOCAB, tiny_model_dir
 
 from medusa_toolkit import MedusaHeads
 from medusa_toolkit.config import config_from_dict, load_config
 from medusa_toolkit.export.cli import main as export_main
 from medusa_toolkit.pipeline import stages
+from medusa_toolkit.testing.tiny import BYTE_VOCAB
 from medusa_toolkit.train.cli import main as train_main
 from medusa_toolkit.verify.cli import main as verify_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_test_token"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("trust") / "model")
 
 
 def heads_for(model_dir: Path, folder: Path, seed: int) -> Path:

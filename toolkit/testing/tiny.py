@@ -1,28 +1,28 @@
-"""Tiny random base models, quickly fitted heads, a byte tokenizer and on-disk model folders, shared by the tests.
+"""Tiny models: random bases of any family, bases with fitted heads, a byte tokenizer and on-disk model folders.
 
-`fitted(...)` builds a tiny model with heads self-distilled on its own greedy text ONCE per test session (a cache
-keyed by its arguments): modules asking for the same model share it, so treat it as read-only.
+The one builder of the test suite's models (and of gpu_check's random base): `tiny_base` makes every random decoder;
+`fitted(...)` adds heads self-distilled on its own greedy text ONCE per process (a cache keyed by its arguments), so
+modules asking for the same model share it: treat it as read-only. The folders (`tiny_model_dir`, `lookup_model_dir`,
+`char_model_dir`) are what `model.name_or_path` and `medusa-verify --base` read, offline.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from medusa_toolkit import MedusaHeads, MedusaModel
 from medusa_toolkit.model.base_model import freeze
+from medusa_toolkit.model.medusa_model import MedusaModel
+from medusa_toolkit.testing.heads import fit_heads, greedy_corpus
 
 VOCAB = 256
 # A branching tree with rank > 0 nodes at several depths (rejections and non-top-1 acceptances both happen).
 BRANCHING = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 0, 0]]
-_CONFIGS = {
-    "llama": LlamaConfig,
-    "qwen2": Qwen2Config,
-    "mistral": MistralConfig,
-}
 
 
 def tiny_base(
@@ -32,10 +32,14 @@ def tiny_base(
     layers: int = 2,
     eos: int | None = None,
     head_dim: int = 16,
-):
-    """A tiny random decoder of the given family (GQA: 4 query heads, 2 KV heads), frozen, float32."""
+    attn: str = "sdpa",
+    **config: Any,
+) -> PreTrainedModel:
+    """A tiny random decoder of any transformers family (`AutoConfig.for_model`: llama, qwen2, mistral, gpt_oss,
+    gemma2, ...), seeded, frozen, float32: hidden 64, 4 query heads over 2 KV heads (GQA) of `head_dim`, an untied
+    lm_head. `config` sets or adds config fields (special token ids, a sliding window, a logit soft-cap, sizes)."""
     torch.manual_seed(seed)
-    config = _CONFIGS[family](
+    fields = dict(
         vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
@@ -50,47 +54,12 @@ def tiny_base(
         tie_word_embeddings=False,
     )
     if family == "mistral":
-        config.sliding_window = None
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        fields["sliding_window"] = None  # full attention unless a test asks for a window
+    fields.update(config)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(family, **fields), dtype=torch.float32, attn_implementation=attn
+    )
     return freeze(model)
-
-
-@torch.no_grad()
-def greedy_corpus(base, num: int = 16, prompt_len: int = 4, new: int = 48, seed: int = 0) -> torch.Tensor:
-    """The base's own greedy continuations of random prompts: what Medusa heads learn to predict."""
-    g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(0, base.config.vocab_size, (num, prompt_len), generator=g)
-    return base.generate(prompts, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
-
-
-def fit_heads(
-    base, num_heads: int = 4, steps: int = 150, seed: int = 0, head_type: str = "per_head_lm_head"
-) -> MedusaHeads:
-    """Self-distil heads on the base's greedy text for a few Adam steps: enough for multi-token acceptance."""
-    torch.manual_seed(seed)
-    heads = MedusaHeads(base.config.hidden_size, base.config.vocab_size, num_heads, head_type=head_type)
-    heads.init_from_lm_head(base.lm_head.weight)
-    tokens = greedy_corpus(base, seed=seed)
-    with torch.no_grad():
-        hidden = base.get_decoder()(tokens).last_hidden_state
-    opt = torch.optim.Adam(heads.parameters(), lr=3e-3)
-    for _ in range(steps):
-        logits = heads(hidden, base.lm_head)  # [H, B, T, V]
-        loss = 0.0
-        for k in range(num_heads):
-            shift = k + 2
-            loss = loss + torch.nn.functional.cross_entropy(
-                logits[k, :, :-shift].reshape(-1, logits.shape[-1]), tokens[:, shift:].reshape(-1)
-            )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return heads.eval()
-
-
-def tiny_medusa(family: str = "llama", seed: int = 0, num_heads: int = 4, steps: int = 150, **kw) -> MedusaModel:
-    base = tiny_base(family, seed, **kw)
-    return MedusaModel(base, fit_heads(base, num_heads, steps, seed))
 
 
 @functools.cache
@@ -101,7 +70,7 @@ def fitted(
     steps: int = 120,
     sharpen: bool = False,
     lm_head_scale: float = 1.0,
-    **base_kw,
+    **base_kw: Any,
 ) -> tuple[MedusaModel, torch.Tensor]:
     """A tiny base with heads fitted to its own greedy text, and that text [16, 52]; built once per session.
 
@@ -136,10 +105,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def byte_tokenizer(chat_template: bool = True):
-    """A byte-level tokenizer: 256 byte tokens + <s> (256) + </s> (257), built offline."""
+def byte_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer: 256 byte tokens + <s> (256) + </s> (257), built offline; with a minimal chat template
+    unless `chat_template` is False."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
@@ -154,7 +123,7 @@ def byte_tokenizer(chat_template: bool = True):
     return fast
 
 
-def save_model_dir(base, path: Path, chat_template: bool = True) -> Path:
+def save_model_dir(base: PreTrainedModel, path: Path, chat_template: bool = True) -> Path:
     """A base model + the byte tokenizer as a HF folder (what load_base_model reads)."""
     base.save_pretrained(path)
     byte_tokenizer(chat_template).save_pretrained(path)
@@ -168,11 +137,41 @@ def tiny_model_dir(path: Path, seed: int = 0, chat_template: bool = True, max_po
     return save_model_dir(base, path, chat_template)
 
 
+def lookup_model_dir(path: Path, next_token: Mapping[int, int], seed: int = 0, logit: float = 2.0) -> Path:
+    """A tiny Llama folder (`tiny_model_dir`'s: byte tokenizer, vocab 258, EOS 257) whose greedy next token after a
+    token x in `next_token` is next_token[x], whatever came before it: a lookup table the data stage's greedy
+    generation writes out token by token (a permutation of the tokens gives a learnable language; a chain ending in
+    EOS, answers of chosen lengths).
+
+    How: every layer adds nothing (o_proj and down_proj are zero), so the last hidden state at a token is its
+    normalised embedding; the keys' embeddings are orthonormal directions (keys < 64, the hidden size), and lm_head row
+    next_token[x] points along x's direction, so it wins by `logit` over every other token (which all score 0 there).
+    Tokens outside the table (BOS, template bytes) keep random embeddings and lead into it.
+    """
+    base = tiny_base("llama", seed, vocab=BYTE_VOCAB, eos=EOS)
+    hidden = base.config.hidden_size
+    if any(not 0 <= x < hidden for x in next_token):
+        raise ValueError(f"lookup_model_dir: table keys must be token ids below the hidden size ({hidden})")
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.linalg.qr(torch.randn(hidden, hidden, generator=g))[0].T  # orthonormal rows
+    with torch.no_grad():
+        for layer in base.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = base.get_input_embeddings().weight, base.lm_head.weight
+        head.zero_()
+        for x, y in next_token.items():
+            embed[x] = directions[x]
+            # The final RMSNorm scales a unit vector to length sqrt(hidden): the winning logit is exactly `logit`.
+            head[y] += directions[x] * logit / hidden**0.5
+    return save_model_dir(base, path)
+
+
 def char_model_dir(path: Path, seed: int = 0) -> Path:
     """A tiny random Llama with a character-level tokenizer and a chat template, saved as a HF folder: decode and
     encode round-trip exactly, so a server's text gives back the very ids the model generated."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import GenerationConfig
 
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -187,11 +186,8 @@ def char_model_dir(path: Path, seed: int = 0) -> Path:
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     eos, bos = vocab["<|im_end|>"], vocab["<s>"]
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                         bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = tiny_base("llama", seed, vocab=len(vocab), eos=eos, max_position_embeddings=512, bos_token_id=bos,
+                      pad_token_id=eos, tie_word_embeddings=True)  # fmt: skip
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(8)  # peaked: replies end (EOS) within a few dozen tokens now and then
     model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)

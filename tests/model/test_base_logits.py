@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from medusa_toolkit.model.heads import MedusaHeads
 from medusa_toolkit.model.medusa_model import BaseHead, MedusaModel
+from medusa_toolkit.testing.tiny import tiny_base
 from medusa_toolkit.train.losses import MedusaObjective
 
-TINY = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64}  # fmt: skip
+TINY = {"hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 64}
 FAMILIES = {
     "gemma2": {"final_logit_softcapping": 0.5, "query_pre_attn_scalar": 8},  # soft-cap (small: it must bite)
     "cohere": {"logit_scale": 0.25},  # logits * scale
@@ -22,9 +21,7 @@ FAMILIES = {
 
 
 def _tiny(family: str):
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model(family, **TINY, **FAMILIES[family], tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model = tiny_base(family, vocab=64, layers=1, head_dim=8, attn="eager", **TINY, **FAMILIES[family])
     lm = model.get_output_embeddings()
     with torch.no_grad():
         lm.weight.mul_(20)  # large logits, so a missing soft-cap or scale is far outside tolerance

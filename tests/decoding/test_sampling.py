@@ -8,10 +8,10 @@ below 1e-20, far past any seed's luck.
 import pytest
 import torch
 from scipy import stats
-from tiny import fitted
 
 from medusa_toolkit.decoding import sampling as sampling_mod
 from medusa_toolkit.decoding.sampling import accept_lossless, logits_processor, medusa_sample, probabilities
+from medusa_toolkit.testing.tiny import fitted
 from medusa_toolkit.verify.sampling_check import check_sampling, parse_sampling_spec
 
 ALPHA = 0.001

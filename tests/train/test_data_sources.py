@@ -8,12 +8,12 @@ import json
 import datasets
 import pytest
 import torch
-from tiny import BYTE_VOCAB, EOS, byte_tokenizer, tiny_base, tiny_model_dir
-from train_helpers import base_config
 
 from medusa_toolkit.config import ConfigError, config_from_dict
 from medusa_toolkit.pipeline.stages import run_pipeline
 from medusa_toolkit.prompts import EVAL_DOMAINS, eval_prompts, interleave_domains
+from medusa_toolkit.testing.runs import base_config
+from medusa_toolkit.testing.tiny import BYTE_VOCAB, EOS, byte_tokenizer, tiny_base, tiny_model_dir
 from medusa_toolkit.train.data import self_prompts, sources
 from medusa_toolkit.train.data import stage as data_mod
 from medusa_toolkit.train.data.self_prompts import PromptSampling, SelfPromptError, pre_query_ids

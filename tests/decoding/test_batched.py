@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from tiny import BRANCHING, fitted
 
 from medusa_toolkit import medusa_generate
 from medusa_toolkit.decoding.generate import BatchGenerateOutput, greedy_generate_batch, medusa_generate_batch
 from medusa_toolkit.kernels.hf_attention import BACKEND_ENV
 from medusa_toolkit.model.medusa_model import MedusaModel
+from medusa_toolkit.testing.tiny import BRANCHING, fitted
 
 NEW = 40
 

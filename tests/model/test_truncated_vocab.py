@@ -9,8 +9,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import BRANCHING, fit_heads, fitted, tiny_base, tiny_model_dir
-from train_helpers import base_config
 
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.decoding.generate import medusa_generate
@@ -18,6 +16,9 @@ from medusa_toolkit.export.formats import write_medusa, write_vllm
 from medusa_toolkit.model.heads import MedusaHeads
 from medusa_toolkit.model.medusa_model import MedusaModel
 from medusa_toolkit.pipeline.stages import run_pipeline
+from medusa_toolkit.testing.heads import fit_heads
+from medusa_toolkit.testing.runs import base_config
+from medusa_toolkit.testing.tiny import BRANCHING, fitted, tiny_base, tiny_model_dir
 from medusa_toolkit.train.data.stage import frequent_targets
 from medusa_toolkit.train.losses import MedusaObjective
 

@@ -3,7 +3,6 @@ and committing a step moves no K/V when the accepted nodes already sit right aft
 
 import pytest
 import torch
-from tiny import BRANCHING, fitted
 from transformers.integrations import sdpa_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -11,6 +10,7 @@ from medusa_toolkit import medusa_generate
 from medusa_toolkit.decoding import generate
 from medusa_toolkit.decoding.cpu_attention import CPU_SDPA_NAME, cpu_sdpa_forward
 from medusa_toolkit.decoding.row_cache import RowCache, RowLayer, _RowState
+from medusa_toolkit.testing.tiny import BRANCHING, fitted
 
 
 class Grouped(torch.nn.Module):

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from tiny import tiny_base
 
 from medusa_toolkit import MedusaHeads, MedusaModel, ModelLoadError, load_base_model, medusa_generate
 from medusa_toolkit.cache import cache_dir
 from medusa_toolkit.model import base_model as models_mod
+from medusa_toolkit.testing.tiny import tiny_base
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,12 @@ import urllib.request
 import datasets
 import pytest
 import torch
-from tiny import char_model_dir
-from train_helpers import base_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.pipeline.stages import run_pipeline
+from medusa_toolkit.testing.runs import base_config
+from medusa_toolkit.testing.tiny import char_model_dir
 from medusa_toolkit.train.data import openai_client
 from medusa_toolkit.train.data.openai_client import OpenAIClient, ServerError
 from medusa_toolkit.train.data.self_prompts import REASONS, PromptSampling, write_with_server

@@ -9,12 +9,12 @@ import shutil
 
 import pytest
 import torch
-from tiny import fitted, save_model_dir
 
 from medusa_toolkit import MedusaHeads, MedusaTree, data_artefact
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.model.heads import HeadsLoadError
 from medusa_toolkit.pipeline.stages import StageRun
+from medusa_toolkit.testing.tiny import fitted, save_model_dir
 from medusa_toolkit.tuning import TuneError
 from medusa_toolkit.tuning.calibration import Calibration, CalibrationError, calibrate_sequences, count_paths
 from medusa_toolkit.tuning.evaluate import comparison_trees, validate
@@ -253,10 +253,9 @@ def test_tune_tree_data_flag_reads_data_made_elsewhere(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def staged_run(tmp_path_factory):
     """A run whose data artefact the data stage itself wrote (tiny byte-level model, builtin prompts), plus heads."""
-    from tiny import tiny_model_dir
-    from train_helpers import base_config
-
     from medusa_toolkit.pipeline.stages import run_pipeline
+    from medusa_toolkit.testing.runs import base_config
+    from medusa_toolkit.testing.tiny import tiny_model_dir
 
     root = tmp_path_factory.mktemp("staged")
     model_dir = tiny_model_dir(root / "model")

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_base
 
 from medusa_toolkit import HeadsLoadError, MedusaHeads, MedusaModel
+from medusa_toolkit.testing.tiny import tiny_base
 
 
 def test_new_heads_start_as_the_identity_and_layers_have_their_own_weights():

@@ -9,9 +9,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
-from tiny import BRANCHING, fitted
 
 from medusa_toolkit.decoding import generate
+from medusa_toolkit.testing.tiny import BRANCHING, fitted
 from medusa_toolkit.verify.report import junit_xml, validate_report, write_json, write_junit
 from medusa_toolkit.verify.verifier import classify_divergence, decide, default_tie_tolerance, verify_heads
 

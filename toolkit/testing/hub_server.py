@@ -5,6 +5,10 @@ back: repo create, branch create, README yaml validation, preupload (`regular` f
 *.safetensors), the LFS batch API with a basic-transfer upload URL, ndjson commits, the recursive tree listing, repo
 info, and HEAD/GET resolve with X-Repo-Commit / ETag / Content-Length. `fail_first` makes chosen routes answer 503 a
 number of times first; `token` makes every request without `Authorization: Bearer <token>` answer 401.
+
+Why here and not in tests/conftest.py: it is a tool, not a fixture (300 lines of HTTP routes; conftest.py keeps the
+`hub_env` fixture that starts it), and code that pushes with medusa_toolkit (`MedusaHeads.push_to_hub`, `medusa-export
+--push`) can be tested against it offline from anywhere, like the rest of medusa_toolkit.testing.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class HubState:
         self.counts: dict[str, int] = defaultdict(int)
 
     def files(self, repo_id: str, rev: str = "main") -> dict[str, bytes]:
+        """The files of a repo's branch (`rev`), path -> bytes, as the pushes left them."""
         return self.repos[repo_id]["branches"][rev]["files"]
 
 
@@ -305,9 +310,11 @@ class HubServer:
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self) -> HubServer:
+        """Start serving (a daemon thread) on `self.endpoint`."""
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
+        """Stop serving and close the socket."""
         self._server.shutdown()
         self._server.server_close()

@@ -125,7 +125,8 @@ def test_verify_stage(smol_heads, tmp_path):
 def test_sampling_check_through_the_cli(tmp_path, capsys):
     """`--sampling` runs the distribution test: the lossless sampler passes; a bad spec is a usage error (exit 2)."""
     import torch
-    from tiny import tiny_model_dir
+
+    from medusa_toolkit.testing.tiny import tiny_model_dir
 
     model_dir = tiny_model_dir(tmp_path / "model")
     base = load_base_model(str(model_dir))[0]

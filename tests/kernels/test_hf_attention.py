@@ -5,17 +5,7 @@ import os
 
 import pytest
 import torch
-from transformers import (
-    AttentionInterface,
-    GptOssConfig,
-    GptOssForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 if not torch.cuda.is_available():
@@ -24,6 +14,8 @@ if not torch.cuda.is_available():
 from medusa_toolkit.kernels import hf_attention  # noqa: E402
 from medusa_toolkit.kernels.flash_decode import HAS_TRITON, INTERPRET  # noqa: E402
 from medusa_toolkit.kernels.hf_attention import ATTN_NAME, get_backend, register_attention, set_backend  # noqa: E402
+from medusa_toolkit.testing.tiny import tiny_base  # noqa: E402
+from medusa_toolkit.testing.trees import random_tree_mask, tree_depths  # noqa: E402
 
 register_attention()  # the tests below select ATTN_NAME by name
 
@@ -32,29 +24,14 @@ TRITON_OK = HAS_TRITON and (DEVICE == "cuda" or INTERPRET)
 # fp32 logits of a 2-layer model: exact to rounding on CPU; cuBLAS and the compiled kernel round differently.
 LOGIT_TOL = 1e-5 if DEVICE == "cpu" else 1e-4
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="no triton"))]
-FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+FAMILIES = ("llama", "qwen2")
 
 
 def tiny_model(family: str, **overrides) -> torch.nn.Module:
     """2 layers, 4 query heads / 2 kv heads of dim 64 (a head dim the Triton kernel supports), float32, seeded, on
     DEVICE (a CPU model cannot run the compiled kernel, and CUDA machines have no interpreter switched on)."""
-    config_cls, model_cls = {**FAMILIES, "mistral": (MistralConfig, MistralForCausalLM)}[family]
-    kwargs = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=None,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(0)
-    return model_cls(config_cls(**kwargs)).eval().to(DEVICE)
+    config = {"max_position_embeddings": 512, "pad_token_id": 0, "bos_token_id": 1, **overrides}
+    return tiny_base(family, vocab=128, head_dim=64, **config).to(DEVICE)
 
 
 @pytest.fixture
@@ -93,17 +70,6 @@ def test_greedy_generate_matches_sdpa(family, backend, count_kernel_calls):
     assert len(count_kernel_calls) == 2 * 20 and set(count_kernel_calls) == {backend}  # prefill + 19 steps, 2 layers
 
 
-def random_tree(T: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random valid tree mask [T, T] (node i sees itself and its ancestors) and each node's depth."""
-    mask = torch.zeros(T, T, dtype=torch.bool)
-    depth = torch.zeros(T, dtype=torch.long)
-    for i in range(1, T):
-        parent = int(torch.randint(0, i, (1,), generator=gen))
-        mask[i], depth[i] = mask[parent], depth[parent] + 1
-    mask |= torch.eye(T, dtype=torch.bool)
-    return mask, depth
-
-
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_tree_forward_matches_sdpa_with_dense_mask(family, backend, count_kernel_calls):
@@ -112,9 +78,8 @@ def test_tree_forward_matches_sdpa_with_dense_mask(family, backend, count_kernel
     gen = torch.Generator().manual_seed(2)
     prefix = torch.randint(2, 128, (B, P), generator=gen).to(DEVICE)
     tree_tokens = torch.randint(2, 128, (B, T), generator=gen).to(DEVICE)
-    trees = [random_tree(T, gen) for _ in range(B)]
-    tree_mask = torch.stack([m for m, _ in trees]).to(DEVICE)  # [B, T, T]: a different tree per row
-    position_ids = P + torch.stack([d for _, d in trees]).to(DEVICE)
+    tree_mask = random_tree_mask(T, gen, batch=B).to(DEVICE)  # [B, T, T]: a different tree per row
+    position_ids = P + tree_depths(tree_mask)
 
     # What the sdpa model needs instead: a dense additive [B, 1, T, P + T] mask.
     allowed = torch.cat([torch.ones(B, T, P, dtype=torch.bool, device=DEVICE), tree_mask], dim=-1)[:, None]
@@ -179,15 +144,12 @@ def test_attention_sinks_are_applied(backend, count_kernel_calls):
     # gpt-oss passes learned per-head sinks (s_aux) on every call. The kernel path must apply them (the reduce step
     # adds them to the softmax denominator) and so must the dense path (its sliding-window layers, once the cache is
     # longer than the window); transformers' eager gpt-oss attention is the reference.
-    config = GptOssConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512,
-        sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=None,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    model = tiny_model(
+        "gpt_oss", intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attn="eager",  # sdpa has no sinks
     )  # fmt: skip
+    config = model.config
     assert config.layer_types == ["sliding_attention", "full_attention"]
-    torch.manual_seed(0)
-    model = GptOssForCausalLM(config).eval().to(DEVICE)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.sinks.normal_(0.0, 2.0)  # large sinks: dropping them changes the tokens

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from tiny import BRANCHING, fit_heads, fitted, greedy_corpus, tiny_base
 
 from medusa_toolkit import MedusaModel, MedusaTree, medusa_generate
+from medusa_toolkit.testing.heads import fit_heads, greedy_corpus
+from medusa_toolkit.testing.tiny import BRANCHING, fitted, tiny_base
 
 TREES = ["chain-4", BRANCHING, "mc_sim_7b_63"]
 

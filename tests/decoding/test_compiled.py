@@ -12,10 +12,10 @@ import random
 
 import pytest
 import torch
-from tiny import BRANCHING, fitted
 
 from medusa_toolkit import MedusaTree, medusa_generate, medusa_generate_batch
 from medusa_toolkit.decoding import compiled
+from medusa_toolkit.testing.tiny import BRANCHING, fitted
 from medusa_toolkit.tuning import TuneError
 from medusa_toolkit.tuning.calibration import Calibration, count_paths
 from medusa_toolkit.tuning.timing import LatencyProfile, model_signature, profile_trees

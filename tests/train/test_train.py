@@ -4,32 +4,32 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_model_dir
-from train_helpers import base_config, write_permutation_data
 
+from medusa_toolkit import data_artefact
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.model.heads import MedusaHeads
-from medusa_toolkit.pipeline.stages import StageRun
+from medusa_toolkit.pipeline.stages import MANIFEST, StageRun
+from medusa_toolkit.testing.runs import base_config, permutation_run
 from medusa_toolkit.train import checkpoints, losses, trainer
 from medusa_toolkit.train.cli import main as cli_main
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # the torchrun scripts beside this file
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny model folder and a predictable data artefact (40 train + 8 held-out sequences)."""
-    root = tmp_path_factory.mktemp("train")
-    model = tiny_model_dir(root / "model")
-    data_run = root / "data-run"
-    tokens = write_permutation_data(data_run)
-    return model, data_run, tokens
+    """A tiny model whose greedy text is a permutation language, the data artefact the data stage wrote with it (40
+    train + 8 held-out sequences of 44 tokens), and its held-out rows."""
+    model, data_run = permutation_run(tmp_path_factory.mktemp("train"))
+    heldout = torch.tensor(data_artefact.load(data_run / "data").heldout["input_ids"])
+    return model, data_run, heldout
 
 
 def _run(tmp_path: Path, tiny, name: str, **train) -> tuple[MedusaHeads, Path]:
@@ -56,12 +56,11 @@ def _interrupt_after_checkpoint(monkeypatch, step: int) -> None:
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_interrupt)
 
 
-def heldout_top1(model_dir: Path, heads: MedusaHeads, tokens: torch.Tensor, head: int = 0) -> float:
+def heldout_top1(model_dir: Path, heads: MedusaHeads, rows: torch.Tensor, head: int = 0) -> float:
     """Independent check: head `head` at position t vs the TRUE token t + head + 2 on the held-out rows' responses."""
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    rows = tokens[-8:]
     with torch.no_grad():
         logits = heads(base.get_decoder()(rows).last_hidden_state, base.lm_head)[head]
     shift = head + 2
@@ -70,16 +69,16 @@ def heldout_top1(model_dir: Path, heads: MedusaHeads, tokens: torch.Tensor, head
 
 
 def test_heads_learn_and_wrong_shift_fails(tmp_path, tiny, monkeypatch):
-    model, _, tokens = tiny
+    model, _, heldout = tiny
     heads, out = _run(tmp_path, tiny, "good", max_steps=25, log_every=1, learning_rate=1e-2)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train/head0/loss"] < 0.3 * rows[0]["train/head0/loss"]
-    good = heldout_top1(model, heads, tokens)
+    good = heldout_top1(model, heads, heldout)
     assert good > 0.7, good
     # The same training with labels shifted by one token too few: the independent check must catch it.
     monkeypatch.setattr(losses, "target_offset", lambda k: k + 1)
     bad_heads, _ = _run(tmp_path, tiny, "bad", max_steps=25, learning_rate=1e-2)
-    bad = heldout_top1(model, bad_heads, tokens)
+    bad = heldout_top1(model, bad_heads, heldout)
     assert bad < 0.3 < good, (bad, good)
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 25 and summary["final_heldout"]["top1"][0] > 0.7
@@ -134,7 +133,7 @@ def test_zero_stages_agree_and_teacher_cache_is_exact(tmp_path, tiny):
 
 @pytest.mark.parametrize("train", [{"loss": "kl"}, {"loss": "kl", "kl_top_k": 8, "kl_temperature": 2.0}])
 def test_kl_loss_learns(tmp_path, tiny, train):
-    """The kl target is the random base's own distribution (not the data tokens): its KL to the heads must fall."""
+    """The kl target is the base's own distribution (not the data tokens): its KL to the heads must fall."""
     heads, out = _run(tmp_path, tiny, "kl", max_steps=15, log_every=1, learning_rate=1e-2, **train)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train/head0/loss"] < 0.7 * rows[0]["train/head0/loss"]
@@ -178,7 +177,7 @@ def test_two_ranks_identical_heads_written_once(tmp_path, tiny):
     cfg = tmp_path / "cfg.json"
     raw = base_config(model, max_steps=4, micro_batch_size=4, deepspeed={"zero_stage": 2})
     cfg.write_text(json.dumps(raw))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     cmd = [
         sys.executable,
         "-m",
@@ -187,7 +186,7 @@ def test_two_ranks_identical_heads_written_once(tmp_path, tiny):
         "2",
         "--master_port",
         "29533",
-        str(ROOT / "tests" / "train_two_ranks.py"),
+        str(HERE / "train_two_ranks.py"),
         str(cfg),
         str(tmp_path / "run"),
     ]
@@ -209,11 +208,11 @@ def test_two_ranks_identical_heads_written_once(tmp_path, tiny):
 
 
 @pytest.fixture(scope="module")
-def ragged(tmp_path_factory, tiny):
-    """The tiny model with sequences of unequal lengths (5 to 44 tokens)."""
-    data_run = tmp_path_factory.mktemp("ragged")
-    tokens = write_permutation_data(data_run, ragged=True)
-    return tiny[0], data_run, tokens
+def ragged(tmp_path_factory):
+    """A tiny model that ends its answers (EOS) after 1 to 40 tokens, and the data stage's artefact of it: sequences of
+    unequal lengths (5 to 44 tokens)."""
+    model, data_run = permutation_run(tmp_path_factory.mktemp("ragged"), ragged=True)
+    return model, data_run, None
 
 
 def test_tokens_weigh_equally_across_micro_batches(tmp_path, ragged):
@@ -264,6 +263,8 @@ def test_disk_teacher_cache_survives_resume_and_is_rebuilt_only_for_new_data_or_
     every batch from it (no base forward at all), the heads equal an uncached run's, and other inputs rebuild it."""
     common = {"max_steps": 10, "checkpoint_every": 3, "log_every": 3, "eval_every": 3}
     ref, _ = _run(tmp_path, tiny, "nocache", **common)
+    # The disk runs read data made outside the stages: the data stage's rows without its manifest.
+    shutil.copytree(tiny[1] / "data", tmp_path / "disk" / "data", ignore=shutil.ignore_patterns(MANIFEST))
     with monkeypatch.context() as m:
         _interrupt_after_checkpoint(m, 6)
         with pytest.raises(KeyboardInterrupt):
@@ -290,7 +291,7 @@ def test_disk_teacher_cache_survives_resume_and_is_rebuilt_only_for_new_data_or_
 
     # Data from the data stage: the cache is keyed on its content and the base only, so a learning-rate sweep reuses
     # it and new data rebuilds it.
-    manifest = tmp_path / "disk" / "data" / "manifest.json"  # the shared fixture's data folder: removed below
+    manifest = tmp_path / "disk" / "data" / "manifest.json"  # in the copy made above: removed below
     try:
         manifest.write_text(json.dumps({"artefact_hash": "a" * 64}))
         assert through_base(learning_rate=1e-2) == 6  # keyed differently from before: built once
@@ -314,9 +315,9 @@ def test_zero3_partitioned_base_two_ranks_equals_one_rank(tmp_path, ragged):
     run = tmp_path / "z3"
     run.mkdir()
     os.symlink(data_run / "data", run / "data")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-           str(ROOT / "tests" / "train_two_ranks_zero3.py"), str(cfg), str(run)]  # fmt: skip
+           str(HERE / "train_two_ranks_zero3.py"), str(cfg), str(run)]  # fmt: skip
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for r in range(2):
@@ -336,9 +337,9 @@ def test_teacher_cache_decision_is_taken_by_all_ranks(tmp_path, tiny):
     from transformers import AutoModelForCausalLM
 
     model, _, _ = tiny
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
-           str(ROOT / "tests" / "teacher_lockstep_two_ranks.py"), str(model), str(tmp_path)]  # fmt: skip
+           str(HERE / "teacher_lockstep_two_ranks.py"), str(model), str(tmp_path)]  # fmt: skip
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     base = AutoModelForCausalLM.from_pretrained(model).eval()

@@ -7,9 +7,9 @@ import json
 
 import yaml
 from huggingface_hub import HfApi
-from tiny import tiny_model_dir
 
 from medusa_toolkit import MedusaHeads, MedusaTree
+from medusa_toolkit.testing.tiny import tiny_model_dir
 from medusa_toolkit.train.cli import main as train_main
 
 TOKEN = "hf_test_token"

@@ -22,22 +22,12 @@ from medusa_toolkit.kernels.flash_decode import (  # noqa: E402
     resolve_backend,
     split_kernel_config,
 )
+from medusa_toolkit.testing.trees import random_tree_mask  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK = HAS_TRITON and (DEVICE == "cuda" or INTERPRET)
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs triton on CUDA or TRITON_INTERPRET=1")
 ATOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def random_tree_mask(T: int, gen: torch.Generator) -> torch.Tensor:
-    """A valid tree mask: node i (> 0) hangs under a random earlier node and sees itself and its ancestors."""
-    mask = torch.zeros(T, T, dtype=torch.bool)
-    for i in range(T):
-        if i > 0:
-            parent = int(torch.randint(0, i, (1,), generator=gen))
-            mask[i] = mask[parent]
-        mask[i, i] = True
-    return mask
 
 
 def dense_attention(q, k, v, tree_mask=None, kv_lens=None, scale=None, sinks=None) -> torch.Tensor:
@@ -78,7 +68,7 @@ def make_inputs(B, Hq, Hkv, T, S, D, dtype, tree="batch", lens="random", seed=0)
     if tree == "shared":
         tree_mask = random_tree_mask(T, gen)
     elif tree == "batch":
-        tree_mask = torch.stack([random_tree_mask(T, gen) for _ in range(B)])
+        tree_mask = random_tree_mask(T, gen, batch=B)
     kv_lens = None
     if lens == "random":  # different per row, the first row always full so that some padding-free row exists
         kv_lens = torch.randint(T, S + 1, (B,), generator=gen)
@@ -222,7 +212,7 @@ def test_default_num_splits_heuristic():
 
 
 def test_compiled_tiles():
-    """The dispatcher's compiled tiles: what the sm_90a AOT test (tests/test_kernel_aot.py) proves spill-free."""
+    """The dispatcher's compiled tiles: what the sm_90a AOT test (tests/kernels/test_kernel_aot.py) proves spill-free."""
     for dtype in (torch.float16, torch.bfloat16):
         decode, tree = (split_kernel_config(dtype, 128, m, None, interpret=False) for m in (4, 256))
         assert (decode.block_m, decode.block_n, decode.num_warps) == (16, 64, 4)
@@ -250,7 +240,7 @@ def test_auto_backend():
 def test_pack_tree_mask_bits():
     gen = torch.Generator().manual_seed(3)
     for T in (1, 5, 63, 64):
-        mask = torch.stack([random_tree_mask(T, gen) for _ in range(2)])
+        mask = random_tree_mask(T, gen, batch=2)
         mask[0, T - 1] = True  # the last row sees every node: bit 63 (the sign bit) set for T = 64
         packed = pack_tree_mask(mask)
         assert packed.bits.shape == (2, T) and packed.bits.dtype == torch.int64

@@ -8,19 +8,13 @@ import shutil
 import datasets
 import pytest
 import torch
-from tiny import tiny_model_dir
-from train_helpers import base_config
 
 from medusa_toolkit.config import config_from_dict
 from medusa_toolkit.model.base_model import load_base_model
 from medusa_toolkit.pipeline.stages import StageRun, run_pipeline
 from medusa_toolkit.prompts import BUILTIN_PROMPTS, render_prompt
+from medusa_toolkit.testing.runs import base_config
 from medusa_toolkit.train.data import stage as data_mod
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("data") / "model")
 
 
 def _cfg(model_dir, **data):
