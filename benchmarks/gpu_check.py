@@ -14,12 +14,13 @@ Sections (in this order; each one is timed, budgeted and recorded even when it f
   c e2e      Medusa decoding on a SmolLM2-135M-shaped Llama (random weights, heads fitted briefly to its own greedy
              text): token ids vs generate() in fp32 and bf16 (ties classified by the reference's logit gap),
              attention medusa_flash_decoding, batch 1 and 8; tokens/s of Medusa vs base greedy at several tree sizes
+  step       the decoding step eager vs compiled (decoding.compiled) per tree size 1-32, bf16, SmolLM2-135M-shaped
   d train    20 bf16 head-training steps (MedusaObjective) through DeepSpeed when it imports, else plain torch
   sweep      kernel tiles (keys per tile x pipeline stages) around the dispatcher's choice, if time is left
 A summary table is printed last; everything is written as JSON to --json after every section (a timeout still leaves
 the finished sections on disk). Each section is a module beside this one (gpu_check_env, _compile, _kernel (a),
-_speed (b: speed, splits, tiles), _e2e (c), _train (d)); gpu_check_run holds the run's bookkeeping and setup. This file
-is the entry point: the plan, the summary, main().
+_speed (b: speed, splits, tiles), _e2e (c), _step, _train (d)); gpu_check_run holds the run's bookkeeping and setup. This file
+is the entry point: the plan, the summary, main(). `step` (gpu_check_step) is the GPU's column of bench_roofline.py.
 
     python3 benchmarks/gpu_check.py --json out/gpu_check.json            # on the GPU machine (make gpu-check)
     python3 benchmarks/gpu_check.py --cpu-dry-run --json /tmp/dry.json   # same code paths, tiny, Triton interpreter
@@ -42,6 +43,7 @@ from gpu_check_env import section_env
 from gpu_check_kernel import section_kernel, section_variants
 from gpu_check_run import DRY, FULL, Run, ensure_importable
 from gpu_check_speed import section_speed, section_splits, section_tiles
+from gpu_check_step import section_step
 from gpu_check_train import section_train
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -91,6 +93,13 @@ def summary(run: Run) -> list[str]:
                 f"             {dt} {r['prompt']:6} b{r['batch']} {r['decoder']:14} {r['tokens_per_s']:>8} tok/s"
                 + (f"  accept {r['accept_length']}  x{r['x_base']}" if "x_base" in r else "")
             )
+    st = s.get("step", {})
+    lines.append(
+        f"step       {status('step')}: {st.get('dtype')}, compiled {st.get('compiled')} ({st.get('compile_s')} s)"
+    )
+    for r in st.get("rows", []):
+        lines.append(f"             {r['nodes']:>3} nodes: eager {r['eager_ms']} ms, compiled {r['compiled_ms']} ms "
+                     f"(x{r['x_eager']}), {r['x_one_node']}x one node")  # fmt: skip
     d = s.get("train", {})
     lines.append(
         f"train      {status('train')}: {d.get('steps')} steps via {d.get('how')}, {d.get('tokens_per_s')} tokens/s"
@@ -156,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         ("kernel", section_kernel, (device, sizes), 0.16, 0.46),
         ("variants", section_variants, (device,), 0.02, 0.44),
         ("speed", section_speed, (device, sizes), 0.14, 0.30),
-        ("e2e", section_e2e, (device, sizes), 0.26, 0.06),
+        ("e2e", section_e2e, (device, sizes), 0.22, 0.14),
+        ("step", section_step, (device, sizes), 0.10, 0.06),
         ("train", section_train, (device, sizes), 0.08, 0.0),
         ("splits", section_splits, (device, sizes), 0.08, 0.0),
         ("tiles", section_tiles, (device, sizes), 0.10, 0.0),

@@ -139,6 +139,10 @@ class Sizes:
     train_batch: tuple  # (sequences, length)
     tile_sweep: tuple  # (keys per tile, pipeline stages) tried around the dispatcher's tile
     compile_limit: int | None  # variants run by the compile section (None: all)
+    step_tree_sizes: tuple  # the step section's tree sizes (nodes)
+    step_dtype: str
+    step_compile: bool  # False: the dry run times the eager step twice (a tiny compile costs a minute on 2 cores)
+    step_repeats: int
 
 
 FULL = Sizes(
@@ -161,6 +165,10 @@ FULL = Sizes(
     train_batch=(8, 256),
     tile_sweep=tuple((n, st) for n in (16, 32, 64, 128) for st in (2, 3, 4)),
     compile_limit=None,
+    step_tree_sizes=(1, 2, 4, 8, 16, 32),
+    step_dtype="bfloat16",
+    step_compile=True,
+    step_repeats=10,
 )
 DRY = Sizes(
     grid_random_cases=6,
@@ -191,6 +199,10 @@ DRY = Sizes(
     train_batch=(2, 16),
     tile_sweep=((32, 2), (64, 3)),
     compile_limit=4,
+    step_tree_sizes=(1, 4),
+    step_dtype="float32",
+    step_compile=False,
+    step_repeats=2,
 )
 
 

@@ -160,7 +160,8 @@ def base_config(base: str):
 
         from medusa_toolkit.model.base_model import resolve_model_path
 
-        return AutoConfig.from_pretrained(resolve_model_path(base))
+        # local_files_only: a check must not wait on the network (a Hub base that is not cached is not checkable).
+        return AutoConfig.from_pretrained(resolve_model_path(base), local_files_only=True)
     except Exception:  # a Hub base that is not cached, a folder without config: not checkable here
         return None
 

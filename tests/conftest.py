@@ -64,10 +64,14 @@ def model_dir(tmp_path_factory) -> Path:
 def no_leaked_world_of_one():
     """A test that trains in-process makes a world of one (RANK, WORLD_SIZE, MASTER_ADDR/PORT in os.environ) whose
     process group lives on in this process. A subprocess started by a later test would inherit those variables,
-    take them for a launcher's and try to listen on the port this process still holds (EADDRINUSE). Remove what a
-    test added; LOCAL_RANK stays, because DeepSpeed reads it from the environment at every `initialize`."""
-    before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    take them for a launcher's and try to listen on the port this process still holds (EADDRINUSE). After every test,
+    remove those the session did not start with (a module fixture may have set them before the test began);
+    LOCAL_RANK stays, because DeepSpeed reads it from the environment at every `initialize`."""
     yield
-    for key, value in before.items():
-        if value is None:
+    for key in LAUNCHER_VARIABLES:
+        if key not in LAUNCHER_AT_START:
             os.environ.pop(key, None)
+
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+LAUNCHER_AT_START = {k for k in LAUNCHER_VARIABLES if k in os.environ}

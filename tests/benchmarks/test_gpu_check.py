@@ -32,7 +32,7 @@ def test_cpu_dry_run_runs_every_section(tmp_path):
     assert "== gpu-check summary (CPU DRY RUN" in run.stdout
     data = json.loads(out.read_text())
     sections = data["sections"]
-    expected = ["env", "compile", "kernel", "variants", "speed", "e2e", "train", "splits", "tiles"]
+    expected = ["env", "compile", "kernel", "variants", "speed", "e2e", "step", "train", "splits", "tiles"]
     assert [name for name in expected if sections.get(name, {}).get("status") != "ok"] == []
     assert sections["env"]["transformers_cache_api"] is True
     kernel = sections["kernel"]
@@ -41,6 +41,8 @@ def test_cpu_dry_run_runs_every_section(tmp_path):
     assert all(isinstance(c["sdpa"], float) and c["kernel"] <= c["tol"] for c in kernel["cases"])
     speed = sections["speed"]["rows"][0]
     assert speed["flash_decode_us"] > 0 and speed["sdpa_us"] > 0
+    step = sections["step"]["rows"]
+    assert [r["nodes"] for r in step] == [1, 4] and all(r["eager_ms"] > 0 and r["compiled_ms"] > 0 for r in step)
     e2e = sections["e2e"]
     fp32 = e2e["exactness"]["float32"]
     assert fp32["batch1"]["mismatch"] == fp32["batch1"]["tie"] == 0 and fp32["batch2"]["mismatch"] == 0

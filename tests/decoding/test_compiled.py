@@ -15,10 +15,10 @@ import torch
 
 from medusa_toolkit import MedusaTree, medusa_generate, medusa_generate_batch
 from medusa_toolkit.decoding import compiled
+from medusa_toolkit.decoding.latency_profile import LatencyProfile, LatencyProfileError, model_signature
 from medusa_toolkit.testing.tiny import BRANCHING, fitted
-from medusa_toolkit.tuning import TuneError
 from medusa_toolkit.tuning.calibration import Calibration, count_paths
-from medusa_toolkit.tuning.timing import LatencyProfile, model_signature, profile_trees
+from medusa_toolkit.tuning.timing import profile_trees
 from medusa_toolkit.tuning.tune import choose_tree
 
 
@@ -33,49 +33,58 @@ def pair(request):
 
 
 def trees_for(num_heads: int) -> list[MedusaTree]:
-    return [MedusaTree.chain(n) for n in range(num_heads + 1)] + [MedusaTree.from_paths(BRANCHING)]
+    """The 1-node tree (greedy), a chain, and a branching tree as deep as the heads: a graph of the heads per depth
+    is compiled, so every depth would add compile time, not coverage."""
+    return [MedusaTree.chain(0), MedusaTree.chain(2), MedusaTree.from_paths(BRANCHING)]
 
 
-def test_compiled_step_gives_the_eager_steps_tokens_for_every_tree(pair):
-    eager, twin, corpus = pair
-    for tree in trees_for(twin.num_heads):
-        prompt = corpus[3, :7][None]
-        ref = medusa_generate(eager, prompt, 24, tree=tree, eos_token_id=[])
-        out = medusa_generate(twin, prompt, 24, tree=tree, eos_token_id=[])
-        assert out.sequences.tolist() == ref.sequences.tolist(), tree.name
-
-
-def test_compiled_batch_rows_equal_eager_rows(pair):
-    eager, twin, corpus = pair
-    prompts = [corpus[i, : 4 + 2 * i].tolist() for i in range(3)]
+def batch(corpus: torch.Tensor, first: int, rows: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows` prompts of different lengths from the corpus, left-padded: ids and attention mask."""
+    prompts = [corpus[first + i, : 5 + 3 * i].tolist() for i in range(rows)]
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    tree = MedusaTree.from_paths(BRANCHING)
-    ref = medusa_generate_batch(eager, ids, mask, 20, tree=tree, eos_token_id=[])
-    out = medusa_generate_batch(twin, ids, mask, 20, tree=tree, eos_token_id=[])
-    assert [r.tolist() for r in out.rows()] == [r.tolist() for r in ref.rows()]
+    return ids, mask
+
+
+# Every decode below runs a batch of 2 (one compiled graph for trees, one for single-token steps) except the
+# single-prompt greedy test: each shape family costs tens of seconds of compile and autotune on two cores.
+
+
+def test_compiled_step_gives_the_eager_steps_tokens_for_every_tree_in_a_batch(pair):
+    eager, twin, corpus = pair
+    ids, mask = batch(corpus, 3)
+    for tree in trees_for(twin.num_heads):
+        ref = medusa_generate_batch(eager, ids, mask, 24, tree=tree, eos_token_id=[])
+        out = medusa_generate_batch(twin, ids, mask, 24, tree=tree, eos_token_id=[])
+        assert [r.tolist() for r in out.rows()] == [r.tolist() for r in ref.rows()], tree.name
 
 
 def test_a_long_decode_compiles_no_new_graph(pair):
-    """Dynamic shapes: KV length, batch and tree size change every step without a recompile."""
+    """Dynamic shapes: KV length and tree size change every step without a recompile."""
     _, twin, corpus = pair
     tree = MedusaTree.from_paths(BRANCHING)
-    medusa_generate(twin, corpus[5, :6][None], 8, tree=tree, eos_token_id=[])  # every graph this tree needs
+    medusa_generate_batch(twin, *batch(corpus, 5), 8, tree=tree, eos_token_id=[])  # every graph this tree needs
+    medusa_generate_batch(twin, *batch(corpus, 5), 8, tree=MedusaTree.chain(2), eos_token_id=[])
     before = compiled.recompiles()
-    medusa_generate(twin, corpus[6, :9][None], 64, tree=tree, eos_token_id=[])
+    medusa_generate_batch(twin, *batch(corpus, 6), 64, tree=tree, eos_token_id=[])
+    medusa_generate_batch(twin, *batch(corpus, 7), 16, tree=MedusaTree.chain(1), eos_token_id=[])
     assert compiled.recompiles() == before
 
 
-def test_the_one_node_tree_is_the_plain_greedy_step(pair):
-    """The tuner's fallback (1 node) runs the same compiled graph as greedy decoding: nothing extra to compile."""
+def test_one_prompt_greedy_and_the_one_node_tree_share_one_graph(pair):
+    """A single prompt's greedy decode (the verifier's same-path reference, the data stage's answers) gives the
+    eager tokens; the tuner's fallback (the 1-node tree) runs that same graph: nothing extra to compile."""
     from medusa_toolkit.decoding.generate import greedy_generate_batch
 
-    _, twin, corpus = pair
-    greedy_generate_batch(twin, corpus[7, :5][None], None, 6)
+    eager, twin, corpus = pair
+    prompt = corpus[7, :5][None]
+    ref = greedy_generate_batch(eager, prompt, None, 12, eos_token_id=[])
+    assert greedy_generate_batch(twin, prompt, None, 12, eos_token_id=[]) == ref and len(ref[0]) == 12
     before = compiled.recompiles()
-    medusa_generate(twin, corpus[8, :5][None], 16, tree=MedusaTree.chain(0), eos_token_id=[])
+    out = medusa_generate(twin, prompt, 12, tree=MedusaTree.chain(0), eos_token_id=[])
     assert compiled.recompiles() == before
+    assert out.sequences[0, 5:].tolist() == ref[0]
 
 
 def test_compiled_gemm_rows_do_not_depend_on_their_neighbours():
@@ -138,10 +147,10 @@ def test_a_latency_profile_round_trips_and_decides_the_tree(pair, tmp_path):
     # Cheap wide steps buy a bigger tree; steps that cost one step per node make a tree not worth it.
     assert wide.tree.num_nodes > narrow.tree.num_nodes and narrow.tree.num_nodes == 1
     path.write_text(json.dumps({**json.loads(path.read_text()), "signature": {"hidden_size": 4096}}))
-    with pytest.raises(TuneError, match="another model"):
+    with pytest.raises(LatencyProfileError, match="another model"):
         LatencyProfile.load(path).check_fits(eager, str(path))
     (tmp_path / "bad.json").write_text("[]")
-    with pytest.raises(TuneError, match="not a latency profile"):
+    with pytest.raises(LatencyProfileError, match="not a latency profile"):
         LatencyProfile.load(tmp_path / "bad.json")
 
 

@@ -18,6 +18,11 @@ from medusa_toolkit.verify.report import validate_report
 BASE = "smollm2-135m-instruct"
 
 
+# SmolLM2 is big enough for `model.compile: auto` to compile its step: minutes on two cores, which the suite cannot
+# spend per test (tests/decoding/test_compiled.py checks the compiled step on tiny models; `make demo` on SmolLM2).
+EAGER = ["--compile", "off"]
+
+
 @pytest.fixture(scope="module")
 def smol_heads(tmp_path_factory):
     """Fresh heads for SmolLM2 (each a copy of its lm_head), saved like a training run saves them."""
@@ -33,7 +38,7 @@ def test_cli_end_to_end_smollm2(smol_heads, tmp_path, capsys):
     # CPU-sized: a few tokens per prompt still run the whole reference / Medusa / tie-check / report path.
     argv = ["--base", BASE, "--heads", smol_heads, "--prompts", "builtin", "--num-prompts", "2", "--max-new-tokens",
             "8", "--attn", "sdpa", "--tree", str(tree), "--report", str(report), "--junit", str(junit),
-            "--no-progress"]  # fmt: skip
+            "--no-progress", *EAGER]  # fmt: skip
     assert main(argv) == 0
     assert "verdict: PASS" in capsys.readouterr().out
     data = json.loads(report.read_text())
@@ -49,7 +54,7 @@ def test_cli_subprocess(smol_heads, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "medusa_toolkit.verify.cli", "--base", BASE, "--heads", smol_heads, "--prompts",
            "builtin", "--num-prompts", "1", "--max-new-tokens", "4", "--attn", "sdpa", "--tree", "chain-2",
-           "--min-accept-length", "1.0", "--junit", str(tmp_path / "j.xml")]  # fmt: skip
+           "--min-accept-length", "1.0", "--junit", str(tmp_path / "j.xml"), *EAGER]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "verdict: PASS" in proc.stdout

@@ -46,6 +46,9 @@ CPU_OPTIONS = {
     "max_autotune_gemm_backends": "CPP",
     "cpp.gemm_max_k_slices": 1,
 }
+# On a GPU (model.compile: on only; `auto` leaves GPUs eager, where the compiled step is not measured by default):
+# frozen weights, inductor's own Triton kernels; no autotune, whose minutes a check on a lent GPU cannot spend.
+GPU_OPTIONS = {"freezing": True}
 
 
 class CompileError(ToolkitError, RuntimeError):
@@ -65,9 +68,13 @@ def decide(model: Any, choice: str, attn: str) -> tuple[bool, str]:
     problem = None
     if attn == "medusa_flash_decoding":
         problem = "the Flash-Decoding kernel's attention (a Triton call) is not traced; use attention sdpa or eager"
-    elif model.device.type != "cpu":
-        problem = f"the compiled step is built and measured for CPUs; this model is on {model.device.type}"
-    elif shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
+    elif model.device.type != "cpu" and choice == "auto":
+        problem = f"`auto` compiles on CPUs, where it is measured; this model is on {model.device.type} (`on` compiles)"
+    elif (
+        model.device.type == "cpu"
+        and shutil.which(os.environ.get("CXX", "g++")) is None
+        and shutil.which("c++") is None
+    ):
         problem = "inductor needs a C++ compiler (g++), and none is on PATH"
     if choice == "on" and problem:
         raise CompileError(f"model.compile: on, but {problem}")
@@ -84,24 +91,30 @@ def compile_decoding(model: Any, choice: str = "on", attn: str = "sdpa", log: Ca
     wanted, why = decide(model, choice, attn)
     if not wanted or model.compiled:
         return model.compiled
-    from torch._inductor.runtime.runtime_utils import cache_dir as inductor_cache
-
-    model.step_fn = _with_options(torch.compile(model.step, dynamic=True))
-    model.heads_fn = _with_options(torch.compile(model.medusa_logits, dynamic=True))
+    options = CPU_OPTIONS if model.device.type == "cpu" else GPU_OPTIONS
+    model.step_fn = _with_options(torch.compile(model.step, dynamic=True), options)
+    model.heads_fn = _with_options(torch.compile(model.medusa_logits, dynamic=True), options)
     model.compiled = True
     log(f"decoding: compiled step ({why}); the first call compiles and autotunes (minutes the first time on a "
-        f"machine; cached in {inductor_cache()})")  # fmt: skip
+        f"machine; cached in {cache_location()})")  # fmt: skip
     return True
 
 
-def _with_options(compiled: Callable) -> Callable:
-    """`compiled` called under CPU_OPTIONS. Freezing is read from inductor's global config when a graph compiles
+def cache_location() -> str:
+    """Where inductor keeps what it compiled and chose (reused by later processes on this machine)."""
+    from torch._inductor.runtime.runtime_utils import cache_dir
+
+    return cache_dir()
+
+
+def _with_options(compiled: Callable, options: dict[str, Any] = CPU_OPTIONS) -> Callable:
+    """`compiled` called under inductor `options` (CPU_OPTIONS by default). Freezing is read from inductor's global config when a graph compiles
     (torch.compile's `options=` does not reach it), and compiles happen at first calls and recompiles: so the
     settings are in force around every call, and nowhere else in the process."""
     import torch._inductor.config as inductor_config
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        with inductor_config.patch(CPU_OPTIONS):
+        with inductor_config.patch(options):
             return compiled(*args, **kwargs)
 
     return call

@@ -359,7 +359,7 @@ def check_inputs(cfg: ToolkitConfig, stages: list[str], run_dir: str | Path | No
     if "tree" in stages:
         check_tree_spec(cfg.tree.tree, "tree.tree", allow_auto=True, num_heads=num_heads)
         if cfg.tree.latency_profile:
-            from medusa_toolkit.tuning.timing import LatencyProfile
+            from medusa_toolkit.decoding.latency_profile import LatencyProfile
 
             LatencyProfile.load(Path(cfg.tree.latency_profile).expanduser())  # exists and parses
         if cfg.tree.tree == "auto" and is_file_spec(cfg.tree.prompts):  # named sets matter only without data rows

@@ -81,7 +81,7 @@ def run(argv: list[str] | None) -> int:
         profile_from_config(cfg, heads, Path(args.profile_latency))
         return 0
     if cfg.tree.latency_profile:
-        from medusa_toolkit.tuning.timing import LatencyProfile
+        from medusa_toolkit.decoding.latency_profile import LatencyProfile
 
         LatencyProfile.load(Path(cfg.tree.latency_profile).expanduser())  # a bad file fails before any model loads
     data = Path(args.data) if args.data else (run.data if run else None)
