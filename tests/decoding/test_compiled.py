@@ -68,7 +68,7 @@ def test_a_long_decode_compiles_no_new_graph(pair):
     medusa_generate_batch(twin, *batch(corpus, 5), 8, tree=MedusaTree.chain(2), eos_token_id=[])
     before = compiled.recompiles()
     medusa_generate_batch(twin, *batch(corpus, 6), 64, tree=tree, eos_token_id=[])
-    medusa_generate_batch(twin, *batch(corpus, 7), 16, tree=MedusaTree.chain(1), eos_token_id=[])
+    medusa_generate_batch(twin, *batch(corpus, 7), 16, tree=MedusaTree.chain(2), eos_token_id=[])
     assert compiled.recompiles() == before
 
 
