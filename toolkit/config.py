@@ -86,8 +86,9 @@ class ModelConfig(Section):
     attn_implementation: AttnImpl = "sdpa"
     # Compile the decoding step (torch.compile: inductor freezing + max-autotune's C++ GEMMs; decoding.compiled) for
     # every decoder a stage runs: the data stage's answers, tree timing and validation, verify. auto: on a CPU with a
-    # C++ compiler for bases of 64 MB and more (minutes of compiling the first time on a machine, cached after);
-    # on: always (an error where it cannot); off: eager.
+    # C++ compiler for bases of 64 MB and more that decode one row at a time (not the data stage's batches, which
+    # ran slower compiled); minutes of compiling the first time on a machine, cached after. on: always (an error
+    # where it cannot); off: eager.
     compile: Literal["auto", "on", "off"] = "auto"
 
 

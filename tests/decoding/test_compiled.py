@@ -118,6 +118,15 @@ def test_auto_leaves_small_bases_eager_and_on_says_why_not(pair):
         compiled.decide(eager, "on", "medusa_flash_decoding")
 
 
+def test_auto_compiles_one_row_at_a_time_not_the_data_stages_batches(pair, monkeypatch):
+    eager, _, _ = pair
+    monkeypatch.setattr(compiled, "AUTO_MIN_WEIGHT_BYTES", 0)  # as if the tiny base were SmolLM2-sized
+    assert compiled.decide(eager, "auto", "sdpa", batch_size=1)[0]
+    wanted, why = compiled.decide(eager, "auto", "sdpa", batch_size=64)
+    assert not wanted and "batches of 64" in why
+    assert compiled.decide(eager, "on", "sdpa", batch_size=64)[0]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Latency profiles: measured on one machine, tuning for it on another
 

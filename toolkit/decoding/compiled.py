@@ -38,6 +38,10 @@ COMPILE_CHOICES = ("auto", "on", "off")
 # `auto` compiles bases at least this big: below it (test-sized models) compiling costs far more than it saves.
 # SmolLM2-135M's step went from ~55 to ~22 ms compiled on 2 cores (benchmarks/RESULTS.md, "Compiled step").
 AUTO_MIN_WEIGHT_BYTES = 64 * 2**20
+# ... and decodes at most this many rows at once. Measured on 2 cores (SmolLM2-135M): batch 1 is where the compiled
+# step pays (decoding, verify, the tree tuner); the data stage's greedy answers at batch 64 ran 3.3x slower compiled
+# (66 vs 215 tokens/s) and stay eager unless model.compile is `on`.
+AUTO_MAX_BATCH = 1
 # Inductor settings of the compiled step (CPU): weights frozen into the graph and packed once, the C++ GEMM template
 # for every GEMM (ATen's MKL kernels are not row-invariant), no split of a GEMM's K across threads.
 CPU_OPTIONS = {
@@ -59,8 +63,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def decide(model: Any, choice: str, attn: str) -> tuple[bool, str]:
-    """(compile?, why) for `model.compile` = choice on this machine, with this attention implementation."""
+def decide(model: Any, choice: str, attn: str, batch_size: int = 1) -> tuple[bool, str]:
+    """(compile?, why) for `model.compile` = choice on this machine, with this attention implementation, for a
+    decoder that runs `batch_size` rows at once."""
     if choice not in COMPILE_CHOICES:
         raise CompileError(f"model.compile must be one of {', '.join(COMPILE_CHOICES)}, got {choice!r}")
     if choice == "off":
@@ -82,13 +87,17 @@ def decide(model: Any, choice: str, attn: str) -> tuple[bool, str]:
         return False, problem
     if choice == "auto" and weight_bytes(model.base) < AUTO_MIN_WEIGHT_BYTES:
         return False, f"a base under {AUTO_MIN_WEIGHT_BYTES >> 20} MB decodes faster eager than it compiles"
+    if choice == "auto" and batch_size > AUTO_MAX_BATCH:
+        return False, f"batches of {batch_size} rows decode faster eager here (the compiled step pays at batch 1)"
     return True, f"model.compile: {choice}"
 
 
-def compile_decoding(model: Any, choice: str = "on", attn: str = "sdpa", log: Callable = print) -> bool:
+def compile_decoding(
+    model: Any, choice: str = "on", attn: str = "sdpa", log: Callable = print, batch_size: int = 1
+) -> bool:
     """Set up `model.step_fn` / `model.heads_fn` as compiled functions (idempotent) when `decide` says so; returns
     whether the model now decodes through the compiled step. Call it once per model, before decoding."""
-    wanted, why = decide(model, choice, attn)
+    wanted, why = decide(model, choice, attn, batch_size)
     if not wanted or model.compiled:
         return model.compiled
     options = CPU_OPTIONS if model.device.type == "cpu" else GPU_OPTIONS

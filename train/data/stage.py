@@ -287,9 +287,8 @@ def run_data(run: StageRun) -> None:
     decoder = None
     if engine is None and d.temperature == 0:  # greedy answers: the decoding loop, set up once for this stage
         decoder = MedusaModel(model, None)
-        compile_decoding(
-            decoder, cfg.model.compile, cfg.model.attn_implementation, log=print if D.is_main() else (lambda *a: None)
-        )
+        compile_decoding(decoder, cfg.model.compile, cfg.model.attn_implementation,
+                         log=print if D.is_main() else (lambda *a: None), batch_size=d.batch_size)  # fmt: skip
     context = getattr(model.config, "max_position_embeddings", None) or 10**9
     limit = min(d.max_prompt_tokens, context - d.max_new_tokens)
     if limit < 1:
