@@ -85,10 +85,9 @@ class ModelConfig(Section):
     # Attention used by Medusa decoding (verification and plain decoding steps).
     attn_implementation: AttnImpl = "sdpa"
     # Compile the decoding step (torch.compile: inductor freezing + max-autotune's C++ GEMMs; decoding.compiled) for
-    # every decoder a stage runs: the data stage's answers, tree timing and validation, verify. auto: on a CPU with a
-    # C++ compiler for bases of 64 MB and more that decode one row at a time (not the data stage's batches, which
-    # ran slower compiled); minutes of compiling the first time on a machine, cached after. on: always (an error
-    # where it cannot); off: eager.
+    # every decoder a stage runs: the data stage's answers, tree timing and validation, verify. auto: eager for now
+    # (a compile costs minutes in every process on 2 cores; decoding.compiled.AUTO_COMPILES says why); on: always
+    # (an error where it cannot); off: eager.
     compile: Literal["auto", "on", "off"] = "auto"
 
 

@@ -121,6 +121,9 @@ def test_auto_leaves_small_bases_eager_and_on_says_why_not(pair):
 def test_auto_compiles_one_row_at_a_time_not_the_data_stages_batches(pair, monkeypatch):
     eager, _, _ = pair
     monkeypatch.setattr(compiled, "AUTO_MIN_WEIGHT_BYTES", 0)  # as if the tiny base were SmolLM2-sized
+    wanted, why = compiled.decide(eager, "auto", "sdpa", batch_size=1)
+    assert not wanted and "6-9 min in every process" in why  # auto is eager until a compile is paid once per machine
+    monkeypatch.setattr(compiled, "AUTO_COMPILES", True)
     assert compiled.decide(eager, "auto", "sdpa", batch_size=1)[0]
     wanted, why = compiled.decide(eager, "auto", "sdpa", batch_size=64)
     assert not wanted and "batches of 64" in why

@@ -42,6 +42,10 @@ AUTO_MIN_WEIGHT_BYTES = 64 * 2**20
 # step pays (decoding, verify, the tree tuner); the data stage's greedy answers at batch 64 ran 3.3x slower compiled
 # (66 vs 215 tokens/s) and stay eager unless model.compile is `on`.
 AUTO_MAX_BATCH = 1
+# Measured in `make demo` on a 2-core EPYC: the tree stage's first compile took 9.5 min, and every later process
+# (verify, a benchmark) compiled again (386 s): frozen graphs are not in inductor's cache. Until the compile is paid
+# once per machine, `auto` stays eager and `on` is the opt-in.
+AUTO_COMPILES = False
 # Inductor settings of the compiled step (CPU): weights frozen into the graph and packed once, the C++ GEMM template
 # for every GEMM (ATen's MKL kernels are not row-invariant), no split of a GEMM's K across threads.
 CPU_OPTIONS = {
@@ -89,6 +93,10 @@ def decide(model: Any, choice: str, attn: str, batch_size: int = 1) -> tuple[boo
         return False, f"a base under {AUTO_MIN_WEIGHT_BYTES >> 20} MB decodes faster eager than it compiles"
     if choice == "auto" and batch_size > AUTO_MAX_BATCH:
         return False, f"batches of {batch_size} rows decode faster eager here (the compiled step pays at batch 1)"
+    if choice == "auto" and not AUTO_COMPILES:
+        return False, ("`auto` keeps decoding eager for now: a compile costs 6-9 min in every process on 2 cores "
+                       "(inductor does not cache frozen graphs between processes), more than a run's decoding "
+                       "saves; model.compile: on compiles")  # fmt: skip
     return True, f"model.compile: {choice}"
 
 

@@ -49,6 +49,12 @@ def validate(
         raise TuneError("no validation prompts")
     eos = set(special_tokens.eos_ids(model))
     domains = domains or ["all"] * len(prompts)
+    # Untimed: one short decode per decoder first, so a compiled step's first compile of a tree's shapes (minutes on
+    # two cores) is never timed as that tree's speed.
+    base_greedy(model, prompts[0], 4, set(), attn)
+    for tree in trees.values():
+        medusa_generate(model, torch.as_tensor(prompts[0])[None], 4, tree=tree, eos_token_id=[],
+                        attn_implementation=attn)  # fmt: skip
     runs: dict[str, list[dict]] = {"base_greedy": [], **{name: [] for name in trees}}  # decoder -> record per prompt
     for ids in tqdm(prompts, desc="validate", unit="prompt", disable=not progress):
         ref, wall, pre = base_greedy(model, ids, max_new_tokens, eos, attn)
