@@ -17,9 +17,9 @@ removes that, but multiplied the recompiles by 5 on a tiny model); and the CPU S
 many queries and keys it sees. Tokens are still exact wherever the base's top two logits are not within that
 rounding of each other; medusa-verify runs its reference through this same step and counts any such tie.
 
-Compile and autotune cost minutes on two cores the first time; inductor keeps what it compiled and chose in its own
-cache (`TORCHINDUCTOR_CACHE_DIR`, default /tmp/torchinductor_<user>), so later stages and runs on this machine pay
-far less.
+Compile and autotune cost minutes on two cores, and measured in `make demo` they are paid again in every process:
+with freezing on, inductor does not reuse its cache (`TORCHINDUCTOR_CACHE_DIR`) between processes. That is why
+`model.compile: auto` stays eager for now (AUTO_COMPILES) and `on` is the opt-in.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from medusa_toolkit.errors import ToolkitError
 
 COMPILE_CHOICES = ("auto", "on", "off")
 # `auto` compiles bases at least this big: below it (test-sized models) compiling costs far more than it saves.
-# SmolLM2-135M's step went from ~55 to ~22 ms compiled on 2 cores (benchmarks/RESULTS.md, "Compiled step").
+# SmolLM2-135M's GEMMs went from ~46 to ~17 ms compiled on 2 cores (benchmarks/RESULTS.md, "Compiled decoding step").
 AUTO_MIN_WEIGHT_BYTES = 64 * 2**20
 # ... and decodes at most this many rows at once. Measured on 2 cores (SmolLM2-135M): batch 1 is where the compiled
-# step pays (decoding, verify, the tree tuner); the data stage's greedy answers at batch 64 ran 3.3x slower compiled
-# (66 vs 215 tokens/s) and stay eager unless model.compile is `on`.
+# step pays (decoding, verify, the tree tuner); the data stage's greedy answers at batch 64 ran 1.9x slower compiled
+# (66 vs 128 tokens/s) and stay eager unless model.compile is `on`.
 AUTO_MAX_BATCH = 1
 # Measured in `make demo` on a 2-core EPYC: the tree stage's first compile took 9.5 min, and every later process
 # (verify, a benchmark) compiled again (386 s): frozen graphs are not in inductor's cache. Until the compile is paid
