@@ -49,14 +49,20 @@ def cpu_description() -> str:
     return f"{name}, {isa} (torch uses {torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
 
 
-def best_seconds(fn, repeats: int) -> float:
-    fn()
+def seconds(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of `repeats` calls of fn, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return times
+
+
+def best_seconds(fn, repeats: int) -> float:
+    return min(seconds(fn, repeats))
 
 
 def streaming_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -99,14 +105,7 @@ class StepGemms(torch.nn.Module):
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(samples)
+    return 1e3 * statistics.median(seconds(fn, repeats, warmup=2))
 
 
 @torch.inference_mode()
